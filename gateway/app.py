@@ -1,0 +1,81 @@
+"""Builds the aiohttp application: routes, stages and the resources they share.
+
+Startup and shutdown of the upstream pool and the ledger live in one cleanup context, so a
+graceful stop always flushes the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.config import GatewayConfig
+from gateway.errors import NOT_FOUND, error_body
+from gateway.handler import ProxyHandler
+from gateway.ledger import Ledger
+from gateway.proxy import UpstreamClient
+
+log = logging.getLogger("gateway")
+
+CONFIG = web.AppKey("config", GatewayConfig)
+LEDGER = web.AppKey("ledger", Ledger)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+HANDLER = web.AppKey("handler", ProxyHandler)
+
+
+def upstream_key(config: GatewayConfig) -> str:
+    key = os.environ.get(config.upstream.api_key_env, "")
+    if not key:
+        log.warning(
+            "%s is not set: calls will reach the upstream without a valid key",
+            config.upstream.api_key_env,
+        )
+    return key
+
+
+def build_app(config: GatewayConfig) -> web.Application:
+    app = web.Application(client_max_size=config.listen.max_request_body)
+    ledger = Ledger(config.storage.sqlite_path, config.storage.flush_interval_ms)
+    upstream = UpstreamClient(config.upstream, upstream_key(config))
+    handler = ProxyHandler(config, upstream, ledger)
+    app[CONFIG], app[LEDGER], app[UPSTREAM], app[HANDLER] = config, ledger, upstream, handler
+    app.cleanup_ctx.append(_resources)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_route("*", "/v1/{tail:.*}", handler.handle)
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    await app[LEDGER].open()
+    await app[UPSTREAM].start()
+    try:
+        yield
+    finally:
+        await app[UPSTREAM].close()
+        await app[LEDGER].close()
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ledger = request.app[LEDGER]
+    ready = ledger.writable
+    return web.json_response(
+        {"ready": ready, "ledger_pending_rows": ledger.pending},
+        status=200 if ready else 503,
+    )
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return web.Response(
+        status=404,
+        body=error_body(NOT_FOUND, f"Unknown request URL: {request.method} {request.path}."),
+        content_type="application/json",
+    )

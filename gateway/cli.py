@@ -1,0 +1,186 @@
+"""The `metering-gateway` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from gateway.config import ConfigError, GatewayConfig, config_path_from, load_config
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _load(config_arg: str | None) -> GatewayConfig:
+    try:
+        return load_config(config_path_from(config_arg))
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_async(main: Callable[[], object]) -> None:
+    with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+        runner.run(main())  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway.app import build_app
+
+    config = _load(args.config)
+    host = args.host or config.listen.host
+    port = args.port if args.port is not None else config.listen.port
+
+    async def serve() -> None:
+        app = build_app(config)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        await site.start()
+        logging.getLogger("gateway").info("listening on http://%s:%d/v1", host, port)
+        print(f"metering-gateway listening on http://{host}:{port}/v1", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    run_async(serve)
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    keys = sum(len(team.keys) for team in config.teams.values())
+    print(f"{args.file}: ok ({len(config.teams)} teams, {keys} keys)")
+    return EXIT_OK
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from gateway.keys import mint_key, parse_expiry, today_in
+
+    config = _load(args.config)
+    if args.team not in config.teams:
+        print(f"unknown team '{args.team}' (teams: {', '.join(config.teams)})", file=sys.stderr)
+        return EXIT_USAGE
+    key_id = args.id or f"{args.team}-{len(config.teams[args.team].keys) + 1}"
+    try:
+        expires = (
+            parse_expiry(args.expires, today_in(config.limits_timezone)) if args.expires else None
+        )
+    except ValueError:
+        print(f"--expires: '{args.expires}' is not 30d or YYYY-MM-DD", file=sys.stderr)
+        return EXIT_USAGE
+    key = mint_key(args.team, key_id, expires)
+    print(f"key (shown once, store it now): {key.secret}")
+    print(key.yaml_entry)
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gateway.reports import ReportQuery, parse_when, render, usage_rows
+
+    config = _load(args.config)
+    zone = config.limits_timezone
+    try:
+        query = ReportQuery(
+            by=[part.strip() for part in args.by.split(",") if part.strip()],
+            since=parse_when(args.since, zone) if args.since else None,
+            until=parse_when(args.until, zone) if args.until else None,
+        )
+        rows = usage_rows(config.storage.sqlite_path, query)
+    except ValueError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(render(rows, args.format))
+    return EXIT_OK
+
+
+def cmd_fake_upstream(args: argparse.Namespace) -> int:
+    from gateway.fake_upstream import run_fake_upstream
+
+    run_fake_upstream(args.host, args.port)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metering-gateway",
+        description="A metering, limiting gateway in front of the OpenAI API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    _config_option(serve)
+    serve.add_argument("--host", help="listen address (default: listen.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: listen.port)")
+    serve.set_defaults(run=cmd_serve)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(run=cmd_check_config)
+
+    keys = commands.add_parser("keys", help="manage gateway keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="command")
+    new = key_commands.add_parser("new", help="mint a key and print its YAML entry")
+    _config_option(new)
+    new.add_argument("--team", required=True)
+    new.add_argument("--id", help="key id (default: <team>-<n>)")
+    new.add_argument("--expires", help="30d or YYYY-MM-DD (default: never)")
+    new.set_defaults(run=cmd_keys_new)
+
+    report = commands.add_parser("report", help="usage and cost from the ledger")
+    _config_option(report)
+    report.add_argument("--since", help="YYYY-MM-DD, ISO time, or 7d / 12h ago")
+    report.add_argument("--until", help="YYYY-MM-DD, ISO time, or 7d / 12h ago")
+    report.add_argument("--by", default="team,key,model", help="team,key,model,day,status")
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report.set_defaults(run=cmd_report)
+
+    fake = commands.add_parser("fake-upstream", help="an OpenAI-compatible fake upstream")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=9797)
+    fake.set_defaults(run=cmd_fake_upstream)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help="config file (default: $GATEWAY_CONFIG, else config/gateway.yaml)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,395 @@
+"""The `/v1/*` request path: authenticate → read → authorize → forward → meter → record.
+
+Each stage lives in its own module; this one only wires them and makes sure that, whatever
+happens, the call ends with exactly one ledger row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import metering
+from gateway.auth import Authenticator, Caller, authorize, ensure_not_expired
+from gateway.config import GatewayConfig
+from gateway.errors import (
+    GATEWAY_FAULT,
+    INVALID_JSON,
+    NOT_FOUND,
+    REQUEST_TOO_LARGE,
+    ErrorKind,
+    GatewayError,
+    Outcome,
+    error_body,
+)
+from gateway.keys import today_in
+from gateway.ledger import CallRecord, Ledger
+from gateway.metering import BodyRecorder, RequestFacts, Usage, UsageChunkStripper
+from gateway.proxy import (
+    SMALL_BODY,
+    RelayResult,
+    UpstreamClient,
+    client_response_headers,
+    read_small_body,
+    relay,
+    stream_request_body,
+)
+
+log = logging.getLogger("gateway.calls")
+
+REQUEST_ID_HEADER = "x-gateway-request-id"
+KEY_EXPIRES_HEADER = "x-gateway-key-expires-in"
+# `/v1/../x`, `/v1/a/./b`, and their percent-encoded forms, or encoded slashes.
+_UNSAFE_PATH = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|%2f|%5c|\\", re.IGNORECASE)
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+@dataclass
+class CallContext:
+    """State one call carries through the stages."""
+
+    request: web.Request
+    record: CallRecord
+    started: float
+    caller: Caller | None = None
+    facts: RequestFacts | None = None
+    response: web.StreamResponse | None = None
+    relayed: RelayResult | None = None
+    recorder: BodyRecorder | None = None
+    is_sse: bool = False
+
+
+class ProxyHandler:
+    def __init__(self, config: GatewayConfig, upstream: UpstreamClient, ledger: Ledger) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.ledger = ledger
+        self.authenticator = Authenticator(config)
+        self._max_body = config.listen.max_request_body
+        self.in_flight = 0
+
+    def reconfigure(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.authenticator = Authenticator(config)
+        self._max_body = config.listen.max_request_body
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        call = CallContext(
+            request=request,
+            record=CallRecord(
+                request_id=new_request_id(),
+                started_at=time.time(),
+                method=request.method,
+                path=request.path,
+            ),
+            started=time.perf_counter(),
+        )
+        self.in_flight += 1
+        try:
+            return await self._serve(call)
+        except GatewayError as error:
+            return self._refuse(call, error)
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the client goes away.
+            await self._client_left(call)
+            raise
+        except Exception:
+            log.exception("gateway fault on %s %s", request.method, request.path)
+            return self._fail(call)
+        finally:
+            self.in_flight -= 1
+            self._record(call)
+
+    # ------------------------------------------------------------ stages
+
+    async def _serve(self, call: CallContext) -> web.StreamResponse:
+        request = call.request
+        if _UNSAFE_PATH.search(request.raw_path.split("?", 1)[0]):
+            raise GatewayError(NOT_FOUND, f"Unknown request URL: {request.method} path.")
+        caller = self.authenticator.authenticate(
+            request.headers.get("Authorization"), today_in(self.config.limits_timezone)
+        )
+        call.caller = caller
+        call.record.team, call.record.key_id = caller.team.name, caller.key.id
+        ensure_not_expired(caller)
+        declared = request.content_length
+        if declared is not None and declared > self._max_body:
+            raise GatewayError(
+                REQUEST_TOO_LARGE,
+                f"The request body ({declared} bytes) is larger than the limit of "
+                f"{self._max_body} bytes.",
+            )
+        api_path = request.path[3:]
+        if _is_json(request):
+            return await self._forward_json(call, api_path)
+        return await self._forward_streamed(call, api_path)
+
+    async def _forward_json(self, call: CallContext, api_path: str) -> web.StreamResponse:
+        body = await read_small_body(call.request.content, self._max_body)
+        call.record.request_bytes = len(body)
+        facts = RequestFacts(api_path=api_path)
+        call.facts = facts
+        if body:
+            facts.json_body = _parse_json_object(body)
+            model = facts.json_body.get("model")
+            facts.model = model if isinstance(model, str) else None
+            facts.stream = facts.json_body.get("stream") is True
+        call.record.model, call.record.stream = facts.model, int(facts.stream)
+        assert call.caller is not None
+        authorize(call.caller.team, api_path, facts.model)
+        if metering.wants_usage_injection(facts):
+            assert facts.json_body is not None
+            body = metering.inject_include_usage(body, facts.json_body)
+            facts.usage_injected = True
+        return await self._exchange(call, body, len(body))
+
+    async def _forward_streamed(self, call: CallContext, api_path: str) -> web.StreamResponse:
+        request = call.request
+        facts = RequestFacts(api_path=api_path)
+        call.facts = facts
+        assert call.caller is not None
+        authorize(call.caller.team, api_path, None)
+        if not request.body_exists:
+            return await self._exchange(call, None, None)
+        scanner = (
+            metering.MultipartModelScanner()
+            if request.content_type.startswith("multipart/")
+            else None
+        )
+        counter = [0]
+        body = stream_request_body(
+            request.content, self._max_body, counter, scanner.feed if scanner else None
+        )
+        try:
+            return await self._exchange(call, body, request.content_length)
+        except GatewayError:
+            if counter[0] > self._max_body:
+                raise GatewayError(
+                    REQUEST_TOO_LARGE,
+                    f"The request body is larger than the limit of {self._max_body} bytes.",
+                ) from None
+            raise
+        finally:
+            call.record.request_bytes = counter[0]
+            if scanner is not None and scanner.model:
+                facts.model = call.record.model = scanner.model
+
+    async def _exchange(
+        self, call: CallContext, body: object, body_length: int | None
+    ) -> web.StreamResponse:
+        request, facts = call.request, call.facts
+        assert facts is not None
+        headers = self.upstream.upstream_headers(request.headers, body_length, facts.metered)
+        upstream = await self.upstream.send(
+            request.method,
+            request.raw_path[3:],
+            headers,
+            body,  # type: ignore[arg-type]
+        )
+        try:
+            return await self._relay(call, upstream)
+        finally:
+            upstream.release()
+
+    async def _relay(
+        self, call: CallContext, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        facts = call.facts
+        assert facts is not None
+        record = call.record
+        record.status = upstream.status
+        record.upstream_request_id = upstream.headers.get("x-request-id")
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=client_response_headers(upstream),
+        )
+        self._add_gateway_headers(call, response)
+        call.is_sse = upstream.content_type == "text/event-stream"
+        stripper = (
+            UsageChunkStripper()
+            if facts.usage_injected and call.is_sse and upstream.ok
+            else None
+        )
+        if stripper is None and upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        if facts.metered and upstream.ok:
+            call.recorder = BodyRecorder(upstream.headers.get("Content-Encoding"))
+        call.response = response
+        call.relayed = RelayResult()
+        await response.prepare(call.request)
+        await relay(
+            upstream,
+            response,
+            call.request,
+            call.started,
+            call.relayed,
+            stripper.feed if stripper else None,
+            stripper.finish if stripper else None,
+            call.recorder.feed if call.recorder else None,
+        )
+        if not (call.relayed.client_gone or call.relayed.upstream_broke):
+            await _finish_body(response)
+        await self._settle(call)
+        return response
+
+    async def _settle(self, call: CallContext) -> None:
+        """Fill the record from what was relayed: bytes, timing, outcome, tokens."""
+        record, result = call.record, call.relayed
+        if result is None:
+            return
+        record.response_bytes = result.response_bytes
+        record.ttfb_ms = result.ttfb_s * 1000 if result.ttfb_s is not None else None
+        record.outcome = _outcome(record.status, result.client_gone, result.upstream_broke)
+        if result.upstream_broke:
+            record.error_code = "upstream_stream_broken"
+        if call.recorder is not None and call.facts is not None:
+            usage = metering.usage_in_tail(call.recorder.tail())
+            if usage is None:
+                usage = await _estimate(call.facts, call.recorder, call.is_sse)
+            _apply_usage(record, usage)
+
+    def _add_gateway_headers(self, call: CallContext, response: web.StreamResponse) -> None:
+        response.headers[REQUEST_ID_HEADER] = call.record.request_id
+        caller = call.caller
+        if (
+            caller is not None
+            and caller.days_left is not None
+            and 0 <= caller.days_left <= self.config.renew_warning_days
+        ):
+            response.headers[KEY_EXPIRES_HEADER] = f"{caller.days_left}d"
+
+    # ------------------------------------------------------------ endings
+
+    def _refuse(self, call: CallContext, error: GatewayError) -> web.StreamResponse:
+        record = call.record
+        record.status = error.kind.status
+        record.outcome = error.kind.outcome.value
+        record.error_code = error.kind.code
+        if call.response is not None and call.response.prepared:
+            _drop_connection(call.request)
+            return call.response
+        response = _error_response(error.kind, error.message, error.param)
+        if error.retry_after_s is not None:
+            response.headers["retry-after"] = str(error.retry_after_s)
+        if error.kind.status == REQUEST_TOO_LARGE.status:
+            # The rest of the body is never read, so the connection cannot be reused.
+            response.force_close()
+        self._add_gateway_headers(call, response)
+        return response
+
+    async def _client_left(self, call: CallContext) -> None:
+        if call.relayed is not None:
+            call.relayed.client_gone = True
+            await self._settle(call)
+        call.record.outcome = Outcome.CLIENT_DISCONNECT.value
+        if not call.record.status:
+            call.record.status = 499  # nginx's code for "client closed request"
+
+    def _fail(self, call: CallContext) -> web.StreamResponse:
+        record = call.record
+        record.outcome = Outcome.GATEWAY_ERROR.value
+        record.error_code = GATEWAY_FAULT.code
+        if call.response is not None and call.response.prepared:
+            _drop_connection(call.request)
+            return call.response
+        record.status = GATEWAY_FAULT.status
+        response = _error_response(
+            GATEWAY_FAULT, "The gateway failed to handle this request. It has been logged."
+        )
+        self._add_gateway_headers(call, response)
+        return response
+
+    def _record(self, call: CallContext) -> None:
+        record = call.record
+        record.finished_at = time.time()
+        record.latency_ms = (time.perf_counter() - call.started) * 1000
+        prices = self.config.team_prices(record.team)
+        record.cost_nanousd, priced = prices.cost_nanousd(
+            record.model,
+            input_tokens=record.input_tokens,
+            cached_input_tokens=record.cached_input_tokens,
+            output_tokens=record.output_tokens,
+            request_bytes=record.request_bytes,
+            response_bytes=record.response_bytes,
+            billable=200 <= record.status < 300,
+        )
+        record.price_unknown = int(not priced)
+        record.pricing_hash = prices.content_hash
+        self.ledger.append(record)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _is_json(request: web.Request) -> bool:
+    content_type = request.content_type
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+def _parse_json_object(body: bytes) -> dict:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(
+            INVALID_JSON,
+            "We could not parse the JSON body of your request. The body must be a JSON "
+            f"object ({exc.msg} at byte {exc.pos}).",
+        ) from None
+    if not isinstance(parsed, dict):
+        raise GatewayError(INVALID_JSON, "The JSON body of your request must be an object.")
+    return parsed
+
+
+def _outcome(status: int, client_gone: bool, upstream_broke: bool) -> str:
+    if client_gone:
+        return Outcome.CLIENT_DISCONNECT.value
+    if upstream_broke or status >= 400:
+        return Outcome.UPSTREAM_ERROR.value
+    return Outcome.OK.value
+
+
+def _apply_usage(record: CallRecord, usage: Usage) -> None:
+    record.input_tokens = usage.input_tokens
+    record.cached_input_tokens = usage.cached_input_tokens
+    record.output_tokens = usage.output_tokens
+    record.reasoning_tokens = usage.reasoning_tokens
+    record.tokens_estimated = int(usage.estimated)
+
+
+async def _estimate(facts: RequestFacts, recorder: BodyRecorder, is_sse: bool) -> Usage:
+    if recorder.total <= SMALL_BODY:
+        return metering.estimate_usage(facts, recorder, is_sse)
+    # Tokenizing up to a megabyte would stall the event loop: do it in a thread.
+    return await asyncio.to_thread(metering.estimate_usage, facts, recorder, is_sse)
+
+
+async def _finish_body(response: web.StreamResponse) -> None:
+    """End the body now, before metering, so the client is not kept waiting for it."""
+    with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+        await response.write_eof()
+
+
+def _drop_connection(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _error_response(kind: ErrorKind, message: str, param: str | None = None) -> web.Response:
+    return web.Response(
+        status=kind.status,
+        body=error_body(kind, message, param),
+        content_type="application/json",
+    )

@@ -1,0 +1,143 @@
+"""Usage reports from the ledger: grouped sums as a table, CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from gateway.pricing import format_usd
+
+GROUPINGS = {
+    "team": "team",
+    "key": "key_id",
+    "model": "model",
+    "day": "date(started_at, 'unixepoch')",
+    "status": "status",
+    "outcome": "outcome",
+}
+_SUMS = [
+    ("calls", "COUNT(*)"),
+    ("errors", "SUM(outcome != 'ok')"),
+    ("input_tokens", "SUM(input_tokens)"),
+    ("cached_input_tokens", "SUM(cached_input_tokens)"),
+    ("output_tokens", "SUM(output_tokens)"),
+    ("reasoning_tokens", "SUM(reasoning_tokens)"),
+    ("estimated_calls", "SUM(tokens_estimated)"),
+    ("request_bytes", "SUM(request_bytes)"),
+    ("response_bytes", "SUM(response_bytes)"),
+    ("cost_nanousd", "SUM(cost_nanousd)"),
+]
+
+
+@dataclass(frozen=True)
+class ReportQuery:
+    by: Sequence[str] = ("team", "key", "model")
+    since: float | None = None
+    until: float | None = None
+
+
+def parse_when(value: str, zone: ZoneInfo, now: datetime | None = None) -> float:
+    """`2026-11-01` (start of that day in `zone`), an ISO datetime, or `7d`/`12h` ago."""
+    text = value.strip()
+    now = now or datetime.now(UTC)
+    if text[:-1].isdigit() and text[-1:] in ("d", "h", "m"):
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[text[-1]]
+        return (now - timedelta(**{unit: int(text[:-1])})).timestamp()
+    try:
+        day = date.fromisoformat(text)
+        return datetime(day.year, day.month, day.day, tzinfo=zone).timestamp()
+    except ValueError:
+        pass
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return moment.timestamp()
+
+
+def usage_rows(ledger_path: Path, query: ReportQuery) -> list[dict[str, object]]:
+    unknown = [name for name in query.by if name not in GROUPINGS]
+    if unknown:
+        raise ValueError(f"cannot group by {', '.join(unknown)} (use {', '.join(GROUPINGS)})")
+    groups = [f"{GROUPINGS[name]} AS {name}" for name in query.by]
+    sums = [f"COALESCE({expr}, 0) AS {name}" for name, expr in _SUMS]
+    where, params = [], []
+    if query.since is not None:
+        where.append("started_at >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append("started_at < ?")
+        params.append(query.until)
+    sql = f"SELECT {', '.join(groups + sums)} FROM requests"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if query.by:
+        order = ", ".join(str(i + 1) for i in range(len(query.by)))
+        sql += f" GROUP BY {order} ORDER BY {order}"
+    if not ledger_path.exists():
+        return []
+    with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True) as db:
+        db.row_factory = sqlite3.Row
+        try:
+            rows = [dict(row) for row in db.execute(sql, params)]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+    for row in rows:
+        row["cost_usd"] = format_usd(int(row["cost_nanousd"]))
+    return rows
+
+
+def render(rows: list[dict[str, object]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        return _csv(rows)
+    return _table(rows)
+
+
+def _csv(rows: list[dict[str, object]]) -> str:
+    if not rows:
+        return ""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+_TABLE_COLUMNS = {
+    "calls": "calls",
+    "errors": "errors",
+    "input_tokens": "input",
+    "cached_input_tokens": "cached",
+    "output_tokens": "output",
+    "reasoning_tokens": "reasoning",
+    "request_bytes": "req bytes",
+    "response_bytes": "resp bytes",
+    "cost_usd": "cost USD",
+}
+
+
+def _table(rows: list[dict[str, object]]) -> str:
+    if not rows:
+        return "no calls in the ledger for this period"
+    keys = [k for k in rows[0] if k not in _TABLE_COLUMNS and k not in dict(_SUMS)]
+    columns = keys + list(_TABLE_COLUMNS)
+    titles = keys + list(_TABLE_COLUMNS.values())
+    cells = [["-" if row[c] is None else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(t), *(len(r[i]) for r in cells)) for i, t in enumerate(titles)]
+    numeric = [c not in keys for c in columns]
+
+    def line(values: list[str]) -> str:
+        cells = zip(values, widths, numeric, strict=True)
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in cells).rstrip()
+
+    return "\n".join([line(titles), line(["-" * w for w in widths])] + [line(r) for r in cells])
