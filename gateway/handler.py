@@ -163,14 +163,23 @@ class ProxyHandler:
         authorize(call.caller.team, api_path, None)
         if not request.body_exists:
             return await self._exchange(call, None, None)
+        team = call.caller.team
         scanner = (
             metering.MultipartModelScanner()
             if request.content_type.startswith("multipart/")
             else None
         )
+
+        def watch(chunk: bytes) -> None:
+            assert scanner is not None
+            scanner.feed(chunk)
+            if scanner.model is not None:
+                # Stops the upload mid-way (the upstream discards a cut request).
+                authorize(team, api_path, scanner.model)
+
         counter = [0]
         body = stream_request_body(
-            request.content, self._max_body, counter, scanner.feed if scanner else None
+            request.content, self._max_body, counter, watch if scanner else None
         )
         try:
             return await self._exchange(call, body, request.content_length)
@@ -180,6 +189,8 @@ class ProxyHandler:
                     REQUEST_TOO_LARGE,
                     f"The request body is larger than the limit of {self._max_body} bytes.",
                 ) from None
+            if scanner is not None and scanner.model is not None:
+                authorize(team, api_path, scanner.model)
             raise
         finally:
             call.record.request_bytes = counter[0]
@@ -219,9 +230,7 @@ class ProxyHandler:
         self._add_gateway_headers(call, response)
         call.is_sse = upstream.content_type == "text/event-stream"
         stripper = (
-            UsageChunkStripper()
-            if facts.usage_injected and call.is_sse and upstream.ok
-            else None
+            UsageChunkStripper() if facts.usage_injected and call.is_sse and upstream.ok else None
         )
         if stripper is None and upstream.content_length is not None:
             response.content_length = upstream.content_length

@@ -119,6 +119,7 @@ class Ledger:
         self._db: aiosqlite.Connection | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
         self._closing = False
         self.rows_written = 0
         self.last_error: str | None = None
@@ -142,19 +143,21 @@ class Ledger:
         return self._db is not None and self.last_error is None
 
     async def flush(self) -> None:
-        if not self._pending or self._db is None:
-            return
-        batch, self._pending = self._pending, []
-        try:
-            await self._write(batch)
-        except (sqlite3.Error, OSError) as exc:
-            # Keep the rows: they are retried on the next flush, never dropped.
-            self._pending = batch + self._pending
-            self.last_error = str(exc)
-            log.error("ledger write failed, %d rows kept for retry: %s", len(batch), exc)
-            raise
-        self.last_error = None
-        self.rows_written += len(batch)
+        """Commit every row appended so far (waits for a flush already under way)."""
+        async with self._flush_lock:
+            if not self._pending or self._db is None:
+                return
+            batch, self._pending = self._pending, []
+            try:
+                await self._write(batch)
+            except (sqlite3.Error, OSError) as exc:
+                # Keep the rows: they are retried on the next flush, never dropped.
+                self._pending = batch + self._pending
+                self.last_error = str(exc)
+                log.error("ledger write failed, %d rows kept for retry: %s", len(batch), exc)
+                raise
+            self.last_error = None
+            self.rows_written += len(batch)
 
     async def _write(self, batch: list[tuple]) -> None:
         assert self._db is not None

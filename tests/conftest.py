@@ -48,14 +48,16 @@ class Gateway:
     app: web.Application
     config: GatewayConfig
     ledger_path: Path
-    extra: dict[str, Any] = field(default_factory=dict)
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
         return str(self.server.make_url("/v1"))
 
     def client(self, key: str = RESEARCH_KEY, **kwargs: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kwargs)
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kwargs)
+        self.clients.append(client)
+        return client
 
     async def rows(self) -> list[dict[str, Any]]:
         """Every ledger row, once calls still finishing have recorded theirs."""
@@ -125,6 +127,7 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 @pytest.fixture
 async def make_gateway(tmp_path: Path, fake: Fake) -> AsyncIterator[GatewayFactory]:
     servers: list[TestServer] = []
+    gateways: list[Gateway] = []
 
     async def start(
         teams: str = DEFAULT_TEAMS,
@@ -162,9 +165,13 @@ async def make_gateway(tmp_path: Path, fake: Fake) -> AsyncIterator[GatewayFacto
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         servers.append(server)
-        return Gateway(server=server, app=app, config=config, ledger_path=ledger_path)
+        gateways.append(Gateway(server=server, app=app, config=config, ledger_path=ledger_path))
+        return gateways[-1]
 
     yield start
+    for started in gateways:
+        for client in started.clients:
+            await client.close()
     for server in servers:
         await server.close()
 
@@ -179,5 +186,7 @@ def direct_client(fake: Fake) -> openai.AsyncOpenAI:
 
 
 @pytest.fixture
-def direct(fake: Fake) -> openai.AsyncOpenAI:
-    return direct_client(fake)
+async def direct(fake: Fake) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = direct_client(fake)
+    yield client
+    await client.close()

@@ -305,3 +305,16 @@ async def test_gzip_response_passes_compressed_and_is_metered(gateway: Gateway):
     assert raw[:2] == b"\x1f\x8b"
     row = await gateway.row(request_id)
     assert (row["input_tokens"], row["output_tokens"], row["response_bytes"]) == (7, 12, len(raw))
+
+
+async def test_delete_and_unknown_paths_pass_through_with_upstream_status(gateway: Gateway):
+    with pytest.raises(openai.NotFoundError) as caught:
+        await gateway.client().files.delete("file-missing")
+    assert caught.value.code == "unknown_url"
+    row = await gateway.row(caught.value.response.headers["x-gateway-request-id"])
+    assert (row["method"], row["path"], row["status"], row["outcome"]) == (
+        "DELETE",
+        "/v1/files/file-missing",
+        404,
+        "upstream_error",
+    )

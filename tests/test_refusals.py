@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from gateway import tokens
-from tests.conftest import EXPIRED_KEY, PRODUCT_KEY, RESEARCH_KEY, UPSTREAM_KEY, Gateway
+from tests.conftest import EXPIRED_KEY, PRODUCT_KEY, RESEARCH_KEY, UPSTREAM_KEY, Gateway, sha
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello to me"}]}
 AUTH = {"Authorization": f"Bearer {RESEARCH_KEY}"}
@@ -149,14 +149,11 @@ async def test_chunked_body_over_limit_is_413(make_gateway):
     assert_error(answer, "request_too_large")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_unreachable_upstream_is_502_and_recorded(make_gateway):
-    gateway = await make_gateway(upstream_url=f"http://127.0.0.1:{free_port()}/v1")
+    closed = socket.socket()  # bound but never listening: connections to it are refused
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    gateway = await make_gateway(upstream_url=f"http://127.0.0.1:{port}/v1")
     with pytest.raises(openai.APIStatusError) as caught:
         await gateway.client().chat.completions.create(**CHAT)
     assert caught.value.status_code == 502
@@ -168,6 +165,7 @@ async def test_unreachable_upstream_is_502_and_recorded(make_gateway):
         "upstream_error",
         "upstream_unavailable",
     )
+    closed.close()
 
 
 async def test_unresolvable_upstream_host_is_502(make_gateway):
@@ -279,3 +277,23 @@ async def test_client_disconnect_mid_stream_is_recorded(gateway: Gateway, fake):
         200,
         1,
     )
+
+
+async def test_multipart_model_outside_allow_list_is_403(make_gateway, fake):
+    teams = f"""
+  product:
+    models: [whisper-1]
+    keys:
+      - id: product-web
+        sha256: {sha(PRODUCT_KEY)}
+"""
+    gateway = await make_gateway(teams=teams)
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await gateway.client(PRODUCT_KEY).audio.transcriptions.create(
+            model="gpt-4o-transcribe", file=("a.mp3", b"\x00" * 2_000_000)
+        )
+    assert caught.value.code == "model_not_allowed"
+    row = await gateway.row(caught.value.response.headers["x-gateway-request-id"])
+    assert (row["status"], row["model"], row["outcome"]) == (403, "gpt-4o-transcribe", "rejected")
+    uploads = [r for r in fake.state.received if r.path == "/v1/audio/transcriptions"]
+    assert all(upload.body_size < 2_000_000 for upload in uploads)
