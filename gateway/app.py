@@ -16,6 +16,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import NOT_FOUND, error_body
 from gateway.handler import ProxyHandler
 from gateway.ledger import Ledger
+from gateway.limits import Limiter, seed_from_ledger
 from gateway.proxy import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -24,6 +25,7 @@ CONFIG = web.AppKey("config", GatewayConfig)
 LEDGER = web.AppKey("ledger", Ledger)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 HANDLER = web.AppKey("handler", ProxyHandler)
+LIMITER = web.AppKey("limiter", Limiter)
 
 
 def upstream_key(config: GatewayConfig) -> str:
@@ -40,8 +42,10 @@ def build_app(config: GatewayConfig) -> web.Application:
     app = web.Application(client_max_size=config.listen.max_request_body)
     ledger = Ledger(config.storage.sqlite_path, config.storage.flush_interval_ms)
     upstream = UpstreamClient(config.upstream, upstream_key(config))
-    handler = ProxyHandler(config, upstream, ledger)
+    limiter = Limiter(config)
+    handler = ProxyHandler(config, upstream, ledger, limiter)
     app[CONFIG], app[LEDGER], app[UPSTREAM], app[HANDLER] = config, ledger, upstream, handler
+    app[LIMITER] = limiter
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -52,6 +56,7 @@ def build_app(config: GatewayConfig) -> web.Application:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     await app[LEDGER].open()
+    seed_from_ledger(app[LIMITER], app[LEDGER].path)
     await app[UPSTREAM].start()
     try:
         yield

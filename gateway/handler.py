@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway import metering
+from gateway import metering, tokens
 from gateway.auth import Authenticator, Caller, authorize, ensure_not_expired
 from gateway.config import GatewayConfig
 from gateway.errors import (
@@ -33,6 +33,7 @@ from gateway.errors import (
 )
 from gateway.keys import today_in
 from gateway.ledger import CallRecord, Ledger
+from gateway.limits import TOKENS, Admission, Draw, Limiter, rate_headers
 from gateway.metering import BodyRecorder, RequestFacts, Usage, UsageChunkStripper
 from gateway.proxy import (
     SMALL_BODY,
@@ -67,21 +68,26 @@ class CallContext:
     facts: RequestFacts | None = None
     response: web.StreamResponse | None = None
     relayed: RelayResult | None = None
+    admission: Admission | None = None
     recorder: BodyRecorder | None = None
     is_sse: bool = False
 
 
 class ProxyHandler:
-    def __init__(self, config: GatewayConfig, upstream: UpstreamClient, ledger: Ledger) -> None:
+    def __init__(
+        self, config: GatewayConfig, upstream: UpstreamClient, ledger: Ledger, limiter: Limiter
+    ) -> None:
         self.config = config
         self.upstream = upstream
         self.ledger = ledger
+        self.limiter = limiter
         self.authenticator = Authenticator(config)
         self._max_body = config.listen.max_request_body
         self.in_flight = 0
 
     def reconfigure(self, config: GatewayConfig) -> None:
         self.config = config
+        self.limiter.apply(config)
         self.authenticator = Authenticator(config)
         self._max_body = config.listen.max_request_body
 
@@ -202,6 +208,7 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         request, facts = call.request, call.facts
         assert facts is not None
+        await self._admit(call, body_length or request.content_length or 0)
         headers = self.upstream.upstream_headers(request.headers, body_length, facts.metered)
         upstream = await self.upstream.send(
             request.method,
@@ -270,8 +277,35 @@ class ProxyHandler:
                 usage = await _estimate(call.facts, call.recorder, call.is_sse)
             _apply_usage(record, usage)
 
+    async def _admit(self, call: CallContext, request_bytes: int) -> None:
+        """Take the call's reservation from its key's and team's limits (may queue)."""
+        caller, facts = call.caller, call.facts
+        assert caller is not None and facts is not None
+        meters = self.limiter.meters_for(caller.key, caller.team)
+        if not meters:
+            return
+        draw = Draw(bytes=request_bytes)
+        if facts.json_body is not None and any(
+            window.kind == TOKENS for meter in meters for window in meter.rates + meter.quotas
+        ):
+            draw.tokens = tokens.estimate_prompt_tokens("/v1" + facts.api_path, facts.json_body) + (
+                tokens.max_output_tokens(facts.json_body) or 0
+            )
+        try:
+            call.admission = await self.limiter.admit(caller.team, meters, draw)
+        except GatewayError:
+            call.record.queued_ms = (time.perf_counter() - call.started) * 1000
+            raise
+        call.record.queued_ms = call.admission.queued_ms
+
     def _add_gateway_headers(self, call: CallContext, response: web.StreamResponse) -> None:
         response.headers[REQUEST_ID_HEADER] = call.record.request_id
+        if call.caller is not None:
+            rate_headers(
+                response.headers,
+                self.limiter.meters_for(call.caller.key, call.caller.team),
+                self.limiter.clock(),
+            )
         caller = call.caller
         if (
             caller is not None
@@ -337,6 +371,15 @@ class ProxyHandler:
         )
         record.price_unknown = int(not priced)
         record.pricing_hash = prices.content_hash
+        if call.admission is not None:
+            self.limiter.settle(
+                call.admission,
+                Draw(
+                    tokens=record.input_tokens + record.output_tokens,
+                    bytes=record.request_bytes + record.response_bytes,
+                    spend=record.cost_nanousd,
+                ),
+            )
         self.ledger.append(record)
 
 

@@ -136,8 +136,9 @@ async def make_gateway(tmp_path: Path, fake: Fake) -> AsyncIterator[GatewayFacto
         timeout_s: float = 5,
         max_request_body: str = "64MB",
         renew_warning_days: int = 7,
+        ledger_path: Path | None = None,
     ) -> Gateway:
-        ledger_path = tmp_path / f"ledger-{len(servers)}.sqlite3"
+        ledger_path = ledger_path or tmp_path / f"ledger-{len(servers)}.sqlite3"
         config_path = tmp_path / f"gateway-{len(servers)}.yaml"
         config_path.write_text(
             textwrap.dedent(

@@ -66,6 +66,7 @@ class Stack:
                 pricing: {{models: {{gpt-4o-mini: {{input: 0.15, output: 0.60}}}}}}
                 teams:
                   research:
+                    limits: {{requests_per_day: 20}}
                     keys:
                       - id: research-dev
                         sha256: {hashlib.sha256(KEY.encode()).hexdigest()}
@@ -75,6 +76,9 @@ class Stack:
         env = {**os.environ, "PT_KEY": UPSTREAM_KEY, "FAKE_UPSTREAM_KEY": UPSTREAM_KEY}
         self.env = env
         self.fake = self._start(["fake-upstream", "--port", str(self.fake_port)], self.fake_port)
+        self.gateway = self._start(["serve", "--config", str(self.config)], self.port)
+
+    def restart_gateway(self) -> None:
         self.gateway = self._start(["serve", "--config", str(self.config)], self.port)
 
     def _start(self, args: list[str], port: int) -> subprocess.Popen:
@@ -234,3 +238,26 @@ def test_health_and_readiness(stack: Stack):
         assert json.load(health) == {"status": "ok"}
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/readyz") as ready:
         assert ready.status == 200 and json.load(ready)["ready"] is True
+
+
+def test_kill_9_and_restart_keeps_the_days_request_quota(stack: Stack):
+    client = stack.client()
+    for _ in range(17):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+    time.sleep(0.5)  # well past flush_interval_ms (50)
+    stack.gateway.kill()
+    stack.gateway.wait(timeout=10)
+    stack.restart_gateway()
+    client = stack.client()
+    for _ in range(3):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+    assert refused.value.code == "insufficient_quota"
+    assert "requests_per_day" in refused.value.message

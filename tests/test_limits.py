@@ -1,0 +1,223 @@
+"""Limits are exact: rates, quotas, spend and concurrency stop traffic at the boundary, in
+reject and in queue mode, and a key is held to its own limits and its team's."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+
+from gateway.app import LIMITER
+from gateway.limits import format_duration
+from tests.conftest import PRODUCT_KEY, RESEARCH_KEY, sha
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello to me"}]}
+OTHER_KEY = "mgw-test-research-second"
+
+
+def team(limits: str, on_limit: str = "reject", queue: str = "", key_limits: str = "") -> str:
+    return f"""
+  research:
+    on_limit: {on_limit}
+    {f"queue: {queue}" if queue else ""}
+    limits: {limits}
+    keys:
+      - id: research-dev
+        sha256: {sha(RESEARCH_KEY)}
+        {f"limits: {key_limits}" if key_limits else ""}
+      - id: research-second
+        sha256: {sha(OTHER_KEY)}
+  product:
+    keys:
+      - id: product-web
+        sha256: {sha(PRODUCT_KEY)}
+"""
+
+
+async def call(client: openai.AsyncOpenAI, **extra) -> object:
+    try:
+        return await client.chat.completions.with_raw_response.create(**CHAT, **extra)
+    except openai.APIStatusError as error:
+        return error
+
+
+def statuses(results: list) -> list[int]:
+    return [
+        r.status_code if isinstance(r, openai.APIStatusError) else r.http_response.status_code
+        for r in results
+    ]
+
+
+async def test_rate_of_20_per_minute_lets_exactly_20_of_100_concurrent_calls_through(
+    make_gateway,
+):
+    gateway = await make_gateway(teams=team("{requests_per_minute: 20}"))
+    client = gateway.client()
+    results = await asyncio.gather(*(call(client) for _ in range(100)))
+    assert statuses(results).count(200) == 20
+    refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+    assert len(refused) == 80
+    for error in refused:
+        assert error.status_code == 429
+        assert error.code == "rate_limit_exceeded"
+        assert error.body["type"] == "requests"
+        assert int(error.response.headers["retry-after"]) >= 1
+        assert "requests_per_minute" in error.message
+    rows = await gateway.rows()
+    assert [r["outcome"] for r in rows].count("ok") == 20
+    assert [r["outcome"] for r in rows].count("rejected") == 80
+    assert {r["status"] for r in rows if r["outcome"] == "rejected"} == {429}
+
+
+async def test_queue_mode_lets_all_through_paced_at_the_rate_and_none_early(make_gateway):
+    gateway = await make_gateway(
+        teams=team("{requests_per_minute: 120}", "queue", "{max_wait_s: 10, max_depth: 50}")
+    )
+    client = gateway.client()
+    started = time.time()
+    results = await asyncio.gather(*(call(client) for _ in range(126)))
+    assert statuses(results) == [200] * 126
+    rows = await gateway.rows()
+    admitted = sorted(r["started_at"] + r["queued_ms"] / 1000 - started for r in rows)
+    queued = admitted[120:]
+    # 2 per second after the burst of 120: the k-th extra call not before k/2 s.
+    for k, moment in enumerate(queued, start=1):
+        assert moment >= k * 0.5 - 0.02, (k, moment)
+    assert queued[-1] < 3 + 1.5
+    assert sum(1 for r in rows if r["queued_ms"] > 100) == 6
+
+
+async def test_key_and_team_limits_combine_and_the_tighter_wins(make_gateway):
+    gateway = await make_gateway(
+        teams=team("{requests_per_minute: 5}", key_limits="{requests_per_minute: 2}")
+    )
+    first = gateway.client(RESEARCH_KEY)
+    second = gateway.client(OTHER_KEY)
+    assert statuses([await call(first) for _ in range(3)]) == [200, 200, 429]
+    assert statuses([await call(second) for _ in range(4)]) == [200, 200, 200, 429]
+    assert statuses([await call(gateway.client(PRODUCT_KEY))]) == [200]
+
+
+async def test_ratelimit_headers_show_the_tighter_per_minute_budget(make_gateway):
+    gateway = await make_gateway(
+        teams=team(
+            "{requests_per_minute: 10, tokens_per_minute: 1000}",
+            key_limits="{requests_per_minute: 4}",
+        )
+    )
+    response = await call(gateway.client())
+    headers = response.headers
+    assert headers["x-ratelimit-limit-requests"] == "4"
+    assert headers["x-ratelimit-remaining-requests"] == "3"
+    assert headers["x-ratelimit-reset-requests"] in ("15s", "14s")
+    assert headers["x-ratelimit-limit-tokens"] == "1000"
+    # reserved 11 (the prompt estimate; no max_tokens) when the headers were written
+    assert headers["x-ratelimit-remaining-tokens"] == "989"
+
+
+async def test_daily_token_quota_stops_at_the_exact_boundary(make_gateway):
+    # each call: reserves 11 (prompt estimate), uses 7 + 12 = 19 as the upstream reports
+    gateway = await make_gateway(teams=team("{tokens_per_day: 40}"))
+    results = [await call(gateway.client()) for _ in range(3)]
+    assert statuses(results) == [200, 200, 429]
+    assert results[2].code == "insufficient_quota"
+    assert "tokens_per_day" in results[2].message
+    quota = gateway.app[LIMITER].teams["research"].quotas[0]
+    assert quota.used == 38
+
+
+async def test_daily_spend_cap_refuses_once_spent(make_gateway):
+    # each call costs 7·150 + 12·600 = 8250 nano-USD; the cap is 20000
+    gateway = await make_gateway(teams=team("{spend_per_day_usd: 0.00002}"))
+    results = [await call(gateway.client()) for _ in range(4)]
+    assert statuses(results) == [200, 200, 200, 429]
+    assert results[3].code == "insufficient_quota"
+    assert "spend_per_day_usd" in results[3].message
+    rows = await gateway.rows()
+    assert sum(r["cost_nanousd"] for r in rows) == 3 * 8250
+
+
+async def test_daily_byte_quota_counts_both_directions(make_gateway):
+    gateway = await make_gateway(teams=team("{bytes_per_day: 1000}"))
+    results = [await call(gateway.client()) for _ in range(4)]
+    rows = await gateway.rows()
+    moved = [r["request_bytes"] + r["response_bytes"] for r in rows if r["outcome"] == "ok"]
+    assert statuses(results).count(200) == len(moved)
+    assert sum(moved[:-1]) < 1000 <= sum(moved)
+    assert statuses(results)[len(moved)] == 429
+
+
+async def test_concurrency_limit_rejects_the_overflow(make_gateway):
+    gateway = await make_gateway(teams=team("{max_concurrent: 2}"))
+    slow = {"extra_headers": {"x-fake-fault": "latency_ms=300"}}
+    results = await asyncio.gather(*(call(gateway.client(), **slow) for _ in range(5)))
+    assert sorted(statuses(results)) == [200, 200, 429, 429, 429]
+    assert all(r.code == "rate_limit_exceeded" for r in results if isinstance(r, Exception))
+    assert gateway.app[LIMITER].teams["research"].active == 0
+
+
+async def test_queue_wait_past_max_wait_is_a_429_queue_timeout(make_gateway):
+    gateway = await make_gateway(
+        teams=team("{max_concurrent: 1}", "queue", "{max_wait_s: 0.3, max_depth: 5}")
+    )
+    slow = {"extra_headers": {"x-fake-fault": "latency_ms=1000"}}
+    results = await asyncio.gather(call(gateway.client(), **slow), call(gateway.client()))
+    assert statuses(results) == [200, 429]
+    rows = {r["outcome"]: r for r in await gateway.rows()}
+    assert rows["queue_timeout"]["status"] == 429
+    assert 280 <= rows["queue_timeout"]["queued_ms"] < 900
+
+
+async def test_full_queue_is_refused_at_once(make_gateway):
+    gateway = await make_gateway(
+        teams=team("{max_concurrent: 1}", "queue", "{max_wait_s: 5, max_depth: 1}")
+    )
+    slow = {"extra_headers": {"x-fake-fault": "latency_ms=500"}}
+    results = await asyncio.gather(*(call(gateway.client(), **slow) for _ in range(3)))
+    assert sorted(statuses(results)) == [200, 200, 429]
+    refused = [r for r in results if isinstance(r, Exception)][0]
+    assert "full" in refused.message
+
+
+async def test_client_leaving_the_queue_consumes_nothing(make_gateway):
+    gateway = await make_gateway(
+        teams=team(
+            "{max_concurrent: 1, requests_per_day: 10}", "queue", "{max_wait_s: 5, max_depth: 5}"
+        )
+    )
+    slow = {"extra_headers": {"x-fake-fault": "latency_ms=600"}}
+    holder = asyncio.create_task(call(gateway.client(), **slow))
+    await asyncio.sleep(0.1)
+    waiter = asyncio.create_task(call(gateway.client()))
+    await asyncio.sleep(0.2)
+    assert len(gateway.app[LIMITER].queues["research"]) == 1
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await holder
+    rows = await gateway.rows()
+    assert sorted(r["outcome"] for r in rows) == ["client_disconnect", "ok"]
+    meter = gateway.app[LIMITER].teams["research"]
+    assert meter.quotas[0].used == 1 and meter.active == 0
+    assert not gateway.app[LIMITER].queues["research"]
+
+
+async def test_restart_keeps_the_days_request_count(make_gateway, tmp_path):
+    limits = team("{requests_per_day: 5}")
+    first = await make_gateway(teams=limits)
+    assert statuses([await call(first.client()) for _ in range(3)]) == [200] * 3
+    await first.rows()  # flushed to the ledger, as a restart would find it
+    second = await make_gateway(teams=limits, ledger_path=first.ledger_path)
+    results = [await call(second.client()) for _ in range(3)]
+    assert statuses(results) == [200, 200, 429]
+    assert results[2].code == "insufficient_quota"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.02, "20ms"), (1, "1s"), (59.2, "1m0s"), (360, "6m0s"), (3723, "1h2m3s")],
+)
+def test_reset_durations_use_openais_format(seconds, text):
+    assert format_duration(seconds) == text
