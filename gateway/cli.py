@@ -96,7 +96,8 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from gateway.reports import ReportQuery, parse_when, render, usage_rows
+    from gateway.keys import today_in
+    from gateway.reports import ReportQuery, key_lines, parse_when, render, usage_rows
 
     config = _load(args.config)
     zone = config.limits_timezone
@@ -111,6 +112,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"report: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(render(rows, args.format))
+    if args.format == "table":
+        print("\n".join(key_lines(config, today_in(zone))))
     return EXIT_OK
 
 

@@ -12,6 +12,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from gateway.config import GatewayConfig
+from gateway.keys import days_left
 from gateway.pricing import format_usd
 
 GROUPINGS = {
@@ -141,3 +143,21 @@ def _table(rows: list[dict[str, object]]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in cells).rstrip()
 
     return "\n".join([line(titles), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def key_lines(config: GatewayConfig, today: date) -> list[str]:
+    """Each key's expiry, and whether it needs renewing (within `renew_warning_days`)."""
+    lines = ["", "keys:"]
+    for team in config.teams.values():
+        for key in team.keys:
+            left = days_left(key, today)
+            if left is None:
+                state = "no expiry"
+            elif left < 0:
+                state = f"EXPIRED on {key.expires}"
+            elif left <= config.renew_warning_days:
+                state = f"expires {key.expires} ({left}d left) - RENEW"
+            else:
+                state = f"expires {key.expires} ({left}d left)"
+            lines.append(f"  {team.name}/{key.id}: {state}")
+    return lines

@@ -9,6 +9,7 @@ import sqlite3
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ async def fake() -> AsyncIterator[Fake]:
     await server.close()
 
 
+SOON_EXPIRY = datetime.now(UTC).date() + timedelta(days=3)
 DEFAULT_TEAMS = f"""
   research:
     keys:
@@ -102,7 +104,7 @@ DEFAULT_TEAMS = f"""
         expires: 2020-01-31
       - id: research-soon
         sha256: {sha(SOON_KEY)}
-        expires: 2999-12-31
+        expires: {SOON_EXPIRY.isoformat()}
   product:
     models: [gpt-4o-mini, text-embedding-3-small]
     endpoints: [/v1/chat/completions, /v1/embeddings]

@@ -202,3 +202,26 @@ def test_keys_new_refuses_unknown_team():
     result = run_cli("keys", "new", "--team", "nobody")
     assert result.returncode == 2
     assert "unknown team 'nobody'" in result.stderr
+
+
+def test_report_lists_key_expiry_and_renewal(tmp_path: Path):
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"""\
+renew_warning_days: 7
+storage: {{sqlite_path: {tmp_path / "none.sqlite3"}}}
+teams:
+  t:
+    keys:
+      - {{id: forever, sha256: {HASH_A}}}
+      - {{id: old, sha256: {HASH_B}, expires: 2020-01-01}}
+      - {{id: later, sha256: {"c" * 64}, expires: 2999-01-01}}
+"""
+    )
+    result = run_cli("report", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "no calls in the ledger for this period"
+    assert "  t/forever: no expiry" in lines
+    assert "  t/old: EXPIRED on 2020-01-01" in lines
+    assert any(line.startswith("  t/later: expires 2999-01-01 (") for line in lines)
