@@ -26,6 +26,7 @@ from gateway.errors import (
     INVALID_JSON,
     NOT_FOUND,
     REQUEST_TOO_LARGE,
+    UPSTREAM_UNAVAILABLE,
     ErrorKind,
     GatewayError,
     Outcome,
@@ -35,6 +36,7 @@ from gateway.keys import today_in
 from gateway.ledger import CallRecord, Ledger
 from gateway.limits import TOKENS, Admission, Draw, Limiter, rate_headers
 from gateway.metering import BodyRecorder, RequestFacts, Usage, UsageChunkStripper
+from gateway.pricing import format_usd
 from gateway.proxy import (
     SMALL_BODY,
     RelayResult,
@@ -49,6 +51,7 @@ log = logging.getLogger("gateway.calls")
 
 REQUEST_ID_HEADER = "x-gateway-request-id"
 KEY_EXPIRES_HEADER = "x-gateway-key-expires-in"
+COST_HEADER = "x-gateway-cost-usd"
 # `/v1/../x`, `/v1/a/./b`, and their percent-encoded forms, or encoded slashes.
 _UNSAFE_PATH = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|%2f|%5c|\\", re.IGNORECASE)
 
@@ -71,6 +74,7 @@ class CallContext:
     admission: Admission | None = None
     recorder: BodyRecorder | None = None
     is_sse: bool = False
+    metered: bool = False
 
 
 class ProxyHandler:
@@ -84,6 +88,7 @@ class ProxyHandler:
         self.authenticator = Authenticator(config)
         self._max_body = config.listen.max_request_body
         self.in_flight = 0
+        self._unpriced_models: set[str | None] = set()
 
     def reconfigure(self, config: GatewayConfig) -> None:
         self.config = config
@@ -245,6 +250,14 @@ class ProxyHandler:
             call.recorder = BodyRecorder(upstream.headers.get("Content-Encoding"))
         call.response = response
         call.relayed = RelayResult()
+        if (
+            call.recorder is not None
+            and not call.is_sse
+            and upstream.content_length is not None
+            and upstream.content_length <= SMALL_BODY
+        ):
+            await self._relay_priced(call, upstream, response)
+            return response
         await response.prepare(call.request)
         await relay(
             upstream,
@@ -261,21 +274,58 @@ class ProxyHandler:
         await self._settle(call)
         return response
 
+    async def _relay_priced(
+        self, call: CallContext, upstream: aiohttp.ClientResponse, response: web.StreamResponse
+    ) -> None:
+        """A small answer is read whole first, so its cost can go in a header."""
+        assert call.recorder is not None and call.relayed is not None
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise GatewayError(
+                UPSTREAM_UNAVAILABLE, "The upstream API broke off its answer."
+            ) from exc
+        call.recorder.feed(body)
+        call.record.response_bytes = len(body)
+        await self._meter(call)
+        self._price(call)
+        response.headers[COST_HEADER] = format_usd(call.record.cost_nanousd)
+        response.content_length = len(body)
+        result = call.relayed
+        try:
+            await response.prepare(call.request)
+            result.ttfb_s = time.perf_counter() - call.started
+            await response.write(body)
+            result.response_bytes = len(body)
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            result.client_gone = True
+        self._account(call)
+
     async def _settle(self, call: CallContext) -> None:
         """Fill the record from what was relayed: bytes, timing, outcome, tokens."""
-        record, result = call.record, call.relayed
-        if result is None:
+        if call.relayed is None:
             return
+        self._account(call)
+        await self._meter(call)
+
+    def _account(self, call: CallContext) -> None:
+        record, result = call.record, call.relayed
+        assert result is not None
         record.response_bytes = result.response_bytes
         record.ttfb_ms = result.ttfb_s * 1000 if result.ttfb_s is not None else None
         record.outcome = _outcome(record.status, result.client_gone, result.upstream_broke)
         if result.upstream_broke:
             record.error_code = "upstream_stream_broken"
-        if call.recorder is not None and call.facts is not None:
-            usage = metering.usage_in_tail(call.recorder.tail())
-            if usage is None:
-                usage = await _estimate(call.facts, call.recorder, call.is_sse)
-            _apply_usage(record, usage)
+
+    async def _meter(self, call: CallContext) -> None:
+        if call.recorder is None or call.facts is None or call.metered:
+            return
+        call.metered = True
+        usage = metering.usage_in_tail(call.recorder.tail())
+        if usage is None:
+            usage = await _estimate(call.facts, call.recorder, call.is_sse)
+        _apply_usage(call.record, usage)
 
     async def _admit(self, call: CallContext, request_bytes: int) -> None:
         """Take the call's reservation from its key's and team's limits (may queue)."""
@@ -359,6 +409,21 @@ class ProxyHandler:
         record = call.record
         record.finished_at = time.time()
         record.latency_ms = (time.perf_counter() - call.started) * 1000
+        if record.pricing_hash is None:
+            self._price(call)
+        if call.admission is not None:
+            self.limiter.settle(
+                call.admission,
+                Draw(
+                    tokens=record.input_tokens + record.output_tokens,
+                    bytes=record.request_bytes + record.response_bytes,
+                    spend=record.cost_nanousd,
+                ),
+            )
+        self.ledger.append(record)
+
+    def _price(self, call: CallContext) -> None:
+        record = call.record
         prices = self.config.team_prices(record.team)
         record.cost_nanousd, priced = prices.cost_nanousd(
             record.model,
@@ -371,16 +436,13 @@ class ProxyHandler:
         )
         record.price_unknown = int(not priced)
         record.pricing_hash = prices.content_hash
-        if call.admission is not None:
-            self.limiter.settle(
-                call.admission,
-                Draw(
-                    tokens=record.input_tokens + record.output_tokens,
-                    bytes=record.request_bytes + record.response_bytes,
-                    spend=record.cost_nanousd,
-                ),
-            )
-        self.ledger.append(record)
+        if not priced:
+            self._warn_unpriced(record.model)
+
+    def _warn_unpriced(self, model: str | None) -> None:
+        if model not in self._unpriced_models:
+            self._unpriced_models.add(model)
+            log.warning("model %r has no price in the price table: its calls cost 0", model)
 
 
 # ---------------------------------------------------------------- helpers

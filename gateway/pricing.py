@@ -1,7 +1,8 @@
-"""The price table, in integer nano-USD end to end (no float ever touches money).
+"""Price tables in integer nano-USD (1e-9 USD); no float ever takes part in money arithmetic.
 
-Prices are written as decimal USD per 1M tokens (per 10^6 bytes for transfer); 1 USD per 1M
-tokens is exactly 1000 nano-USD per token, so any price with 3 decimals is an exact integer.
+Prices are written as decimal USD: per 1M tokens for models, per 10^6 body bytes for transfer,
+per call for the flat fee. 1 USD per 1M tokens is exactly 1000 nano-USD per token, so every
+price with at most 3 decimals becomes an exact integer; finer prices are refused.
 """
 
 from __future__ import annotations
@@ -10,50 +11,80 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
 
 NANO_PER_USD = 10**9
-NANO_PER_TOKEN_PER_USD_PER_MILLION = 1000  # USD/1M tokens → nano-USD/token
-_MODEL_FIELDS = {"input", "cached_input", "output"}
-_TABLE_FIELDS = {"currency", "source", "transfer_per_mb", "per_request", "models"}
-_SNAPSHOT_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
+# USD per 10^6 units (tokens or bytes) → nano-USD per unit.
+NANO_PER_UNIT_PER_USD_PER_MILLION = NANO_PER_USD // 10**6
+
+_TABLE_FIELDS = frozenset({"currency", "source", "transfer_per_mb", "per_request", "models"})
+_MODEL_FIELDS = frozenset({"input", "cached_input", "output", "per_request", "transfer_per_mb"})
+_SNAPSHOT_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
 
 
 class PricingError(ValueError):
-    """A price table that cannot be used, with what is wrong in it."""
+    """A price table that cannot be used, saying what is wrong and where."""
 
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """nano-USD per token."""
+    """One model's prices in nano-USD: per token, and optionally its own per-call fees.
 
-    input: int
-    cached_input: int
-    output: int
+    `per_request_nanousd` / `transfer_nanousd_per_byte` replace the table's values for this
+    model when set; None means the table's values apply.
+    """
+
+    input_nanousd: int
+    cached_input_nanousd: int
+    output_nanousd: int
+    per_request_nanousd: int | None = None
+    transfer_nanousd_per_byte: int | None = None
 
 
 @dataclass(frozen=True)
 class PriceTable:
-    currency: str = "USD"
-    source: str = ""
-    transfer_nanousd_per_byte: int = 0
-    per_request_nanousd: int = 0
-    models: Mapping[str, ModelPrice] = field(default_factory=dict)
-    content_hash: str = ""
+    currency: str
+    source: str
+    transfer_nanousd_per_byte: int
+    per_request_nanousd: int
+    models: Mapping[str, ModelPrice]
+    content_hash: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", MappingProxyType(dict(self.models)))
+        object.__setattr__(self, "content_hash", _content_hash(self))
 
     def price_for(self, model: str | None) -> ModelPrice | None:
-        """The exact model's price, else its base model's (dated snapshots)."""
+        """The model's price, else its base model's for a dated snapshot, else None."""
         if not model:
             return None
         found = self.models.get(model)
         if found is None:
-            found = self.models.get(_SNAPSHOT_SUFFIX.sub("", model))
+            base = _SNAPSHOT_SUFFIX.sub("", model)
+            found = self.models.get(base) if base != model else None
         return found
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> PriceTable:
+        """This table under a team's `pricing:` mapping (same shape, every field optional)."""
+        team = _parse_partial(overrides, "pricing")
+        currency = team.get("currency", self.currency)
+        if currency != self.currency:
+            raise PricingError(
+                f"pricing.currency: {currency!r} differs from the global {self.currency!r}"
+            )
+        return PriceTable(
+            currency=currency,
+            source=team.get("source", self.source),
+            transfer_nanousd_per_byte=team.get("transfer", self.transfer_nanousd_per_byte),
+            per_request_nanousd=team.get("per_request", self.per_request_nanousd),
+            models={**self.models, **team.get("models", {})},
+        )
 
     def cost_nanousd(
         self,
@@ -66,118 +97,200 @@ class PriceTable:
         response_bytes: int,
         billable: bool,
     ) -> tuple[int, bool]:
-        """P = D·C_D + tokens·prices + fee; (cost, whether the model had a price)."""
-        price = self.price_for(model)
+        """(cost, priced): P = D·C_D + tokens·prices + fee.
+
+        `priced` is False when tokens could not be priced because the model is unknown; the
+        transfer and per-call fees are charged all the same. A call without a model and
+        without tokens (e.g. GET /v1/models) has nothing unpriced.
+        """
         if not billable:
             return 0, True
-        cost = (request_bytes + response_bytes) * self.transfer_nanousd_per_byte
-        cost += self.per_request_nanousd
+        price = self.price_for(model)
+        transfer = self.transfer_nanousd_per_byte
+        fee = self.per_request_nanousd
+        token_cost = 0
         if price is not None:
-            cached = min(cached_input_tokens, input_tokens)
-            cost += (input_tokens - cached) * price.input
-            cost += cached * price.cached_input
-            cost += output_tokens * price.output
-        has_tokens = input_tokens or output_tokens
-        return cost, price is not None or not has_tokens
-
-    def with_overrides(self, overrides: Mapping[str, Any]) -> PriceTable:
-        """A team's `pricing:` mapping over this table: its models and fees replace ours."""
-        if not isinstance(overrides, Mapping):
-            raise PricingError("pricing must be a mapping")
-        team = parse_price_table(overrides, "team pricing")
-        models = {**self.models, **team.models}
-        merged = replace(
-            self,
-            models=models,
-            transfer_nanousd_per_byte=team.transfer_nanousd_per_byte
-            if "transfer_per_mb" in overrides
-            else self.transfer_nanousd_per_byte,
-            per_request_nanousd=team.per_request_nanousd
-            if "per_request" in overrides
-            else self.per_request_nanousd,
-        )
-        return replace(merged, content_hash=_hash_of(merged))
+            transfer = _first_set(price.transfer_nanousd_per_byte, transfer)
+            fee = _first_set(price.per_request_nanousd, fee)
+            token_cost = _token_cost(price, input_tokens, cached_input_tokens, output_tokens)
+        cost = (max(request_bytes, 0) + max(response_bytes, 0)) * transfer + fee + token_cost
+        priced = price is not None or (not model and input_tokens <= 0 and output_tokens <= 0)
+        return cost, priced
 
 
-def _nano(value: Any, scale: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise PricingError(f"{what}: must be a number")
-    try:
-        amount = Decimal(str(value))
-    except InvalidOperation as exc:
-        raise PricingError(f"{what}: '{value}' is not a number") from exc
-    if amount < 0:
-        raise PricingError(f"{what}: must not be negative")
-    nano = amount * scale
-    if nano != nano.to_integral_value():
-        raise PricingError(f"{what}: {value} is finer than 1 nano-USD per unit")
-    return int(nano)
+def _first_set(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
-def _model_price(name: str, spec: Any) -> ModelPrice:
-    if not isinstance(spec, Mapping):
-        raise PricingError(f"models.{name}: must be a mapping of input/cached_input/output")
-    unknown = set(spec) - _MODEL_FIELDS
-    if unknown:
-        raise PricingError(f"models.{name}: unknown field(s) {', '.join(sorted(unknown))}")
-    scale = NANO_PER_TOKEN_PER_USD_PER_MILLION
-    input_price = _nano(spec.get("input", 0), scale, f"models.{name}.input")
-    return ModelPrice(
-        input=input_price,
-        cached_input=_nano(spec["cached_input"], scale, f"models.{name}.cached_input")
-        if spec.get("cached_input") is not None
-        else input_price,
-        output=_nano(spec.get("output", 0), scale, f"models.{name}.output"),
+def _token_cost(price: ModelPrice, input_tokens: int, cached: int, output_tokens: int) -> int:
+    input_tokens = max(input_tokens, 0)
+    # Upstream counts cached tokens inside input tokens; clamp in case a reply says otherwise.
+    cached = min(max(cached, 0), input_tokens)
+    return (
+        (input_tokens - cached) * price.input_nanousd
+        + cached * price.cached_input_nanousd
+        + max(output_tokens, 0) * price.output_nanousd
     )
-
-
-def parse_price_table(mapping: Mapping[str, Any], origin: str) -> PriceTable:
-    if not isinstance(mapping, Mapping):
-        raise PricingError(f"{origin}: a price table must be a mapping")
-    unknown = set(mapping) - _TABLE_FIELDS
-    if unknown:
-        raise PricingError(f"{origin}: unknown field(s) {', '.join(sorted(unknown))}")
-    models = mapping.get("models") or {}
-    if not isinstance(models, Mapping):
-        raise PricingError(f"{origin}: models must be a mapping")
-    table = PriceTable(
-        currency=str(mapping.get("currency", "USD")),
-        source=str(mapping.get("source", "")),
-        transfer_nanousd_per_byte=_nano(
-            mapping.get("transfer_per_mb", 0),
-            NANO_PER_TOKEN_PER_USD_PER_MILLION,
-            "transfer_per_mb",
-        ),
-        per_request_nanousd=_nano(mapping.get("per_request", 0), NANO_PER_USD, "per_request"),
-        models={str(name): _model_price(str(name), spec) for name, spec in models.items()},
-    )
-    return replace(table, content_hash=_hash_of(table))
-
-
-def _hash_of(table: PriceTable) -> str:
-    canonical = {
-        "currency": table.currency,
-        "transfer": table.transfer_nanousd_per_byte,
-        "per_request": table.per_request_nanousd,
-        "models": {
-            name: [p.input, p.cached_input, p.output] for name, p in sorted(table.models.items())
-        },
-    }
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def load_price_table(source: str | Path | Mapping[str, Any]) -> PriceTable:
-    """A price table from a YAML file's path, or from the mapping itself (inline config)."""
-    if isinstance(source, Mapping):
-        return parse_price_table(source, "pricing")
-    path = Path(source)
-    with path.open(encoding="utf-8") as handle:
-        return parse_price_table(yaml.safe_load(handle) or {}, str(path))
 
 
 def format_usd(nanousd: int) -> str:
-    """Exact decimal USD: at least 2 decimals, at most 9, no trailing zeros past 2."""
+    """Exact decimal USD: at most 9 decimals, trailing zeros trimmed down to 2."""
     sign = "-" if nanousd < 0 else ""
     whole, fraction = divmod(abs(nanousd), NANO_PER_USD)
-    digits = f"{fraction:09d}".rstrip("0").ljust(2, "0")
-    return f"{sign}{whole}.{digits}"
+    decimals = f"{fraction:09d}".rstrip("0").ljust(2, "0")
+    return f"{sign}{whole}.{decimals}"
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def load_price_table(
+    source: str | Path | Mapping[str, Any], base_dir: Path | None = None
+) -> PriceTable:
+    """A price table from a YAML file (relative paths resolve against `base_dir`) or inline."""
+    if isinstance(source, Mapping):
+        return parse_price_table(source, "pricing")
+    path = Path(source)
+    if base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
+    text = path.read_text(encoding="utf-8")
+    try:
+        mapping = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PricingError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_price_table({} if mapping is None else mapping, str(path))
+
+
+def parse_price_table(mapping: Mapping[str, Any], origin: str) -> PriceTable:
+    """A complete table: fees default to 0, currency to USD, models to none."""
+    parts = _parse_partial(mapping, origin)
+    return PriceTable(
+        currency=parts.get("currency", "USD"),
+        source=parts.get("source", ""),
+        transfer_nanousd_per_byte=parts.get("transfer", 0),
+        per_request_nanousd=parts.get("per_request", 0),
+        models=parts.get("models", {}),
+    )
+
+
+def _parse_partial(mapping: Any, origin: str) -> dict[str, Any]:
+    """The fields present in a table mapping, validated and converted to nano-USD."""
+    if not isinstance(mapping, Mapping):
+        raise PricingError(f"{origin}: must be a mapping, not {type(mapping).__name__}")
+    _refuse_unknown(mapping, _TABLE_FIELDS, origin)
+    parts: dict[str, Any] = {}
+    for name in ("currency", "source"):
+        if name in mapping:
+            parts[name] = _text(mapping[name], f"{origin}: {name}")
+    if "transfer_per_mb" in mapping:
+        parts["transfer"] = _per_million(mapping["transfer_per_mb"], f"{origin}: transfer_per_mb")
+    if "per_request" in mapping:
+        parts["per_request"] = _per_call(mapping["per_request"], f"{origin}: per_request")
+    if "models" in mapping:
+        parts["models"] = _models(mapping["models"], origin)
+    return parts
+
+
+def _models(value: Any, origin: str) -> dict[str, ModelPrice]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PricingError(f"{origin}: models: must be a mapping of model name to prices")
+    prices = {}
+    for name, spec in value.items():
+        if not isinstance(name, str) or not name:
+            raise PricingError(f"{origin}: models: model names must be non-empty strings")
+        prices[name] = _model_price(spec, f"{origin}: models.{name}")
+    return prices
+
+
+def _model_price(spec: Any, where: str) -> ModelPrice:
+    if not isinstance(spec, Mapping) or not spec:
+        raise PricingError(
+            f"{where}: must be a mapping with input, cached_input, output (USD per 1M tokens)"
+        )
+    _refuse_unknown(spec, _MODEL_FIELDS, where)
+    input_price = _per_million(spec.get("input", 0), f"{where}.input")
+    cached = spec.get("cached_input")
+    return ModelPrice(
+        input_nanousd=input_price,
+        cached_input_nanousd=input_price
+        if cached is None
+        else _per_million(cached, f"{where}.cached_input"),
+        output_nanousd=_per_million(spec.get("output", 0), f"{where}.output"),
+        per_request_nanousd=_optional(spec, "per_request", where, _per_call),
+        transfer_nanousd_per_byte=_optional(spec, "transfer_per_mb", where, _per_million),
+    )
+
+
+def _optional(spec: Mapping[str, Any], name: str, where: str, convert: Any) -> int | None:
+    value = spec.get(name)
+    return None if value is None else convert(value, f"{where}.{name}")
+
+
+def _refuse_unknown(mapping: Mapping[str, Any], known: frozenset[str], where: str) -> None:
+    unknown = sorted(str(key) for key in mapping if key not in known)
+    if unknown:
+        raise PricingError(
+            f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise PricingError(f"{where}: must be a string")
+    return value
+
+
+def _per_million(value: Any, where: str) -> int:
+    return _to_nano(value, NANO_PER_UNIT_PER_USD_PER_MILLION, where, "per unit")
+
+
+def _per_call(value: Any, where: str) -> int:
+    return _to_nano(value, NANO_PER_USD, where, "per call")
+
+
+def _to_nano(value: Any, scale: int, where: str, unit: str) -> int:
+    """A decimal USD amount × scale, which must come out a whole number of nano-USD."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        raise PricingError(f"{where}: must be a number of USD, not {value!r}")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation as exc:  # pragma: no cover - str() of a number always parses
+        raise PricingError(f"{where}: {value!r} is not a number") from exc
+    if not amount.is_finite():
+        raise PricingError(f"{where}: must be a finite number, not {value!r}")
+    if amount < 0:
+        raise PricingError(f"{where}: must not be negative (got {value})")
+    nano = amount * scale
+    if nano != nano.to_integral_value():
+        raise PricingError(
+            f"{where}: {value} is not a whole number of nano-USD {unit} "
+            f"(at most {_decimals(scale)} decimals)"
+        )
+    return int(nano)
+
+
+def _decimals(scale: int) -> int:
+    return len(str(scale)) - 1
+
+
+def _content_hash(table: PriceTable) -> str:
+    """sha256 of everything that affects a cost; `source` is informational and left out."""
+    canonical = {
+        "currency": table.currency,
+        "transfer_nanousd_per_byte": table.transfer_nanousd_per_byte,
+        "per_request_nanousd": table.per_request_nanousd,
+        "models": {
+            name: [
+                price.input_nanousd,
+                price.cached_input_nanousd,
+                price.output_nanousd,
+                price.per_request_nanousd,
+                price.transfer_nanousd_per_byte,
+            ]
+            for name, price in table.models.items()
+        },
+    }
+    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()

@@ -323,3 +323,22 @@ async def test_delete_and_unknown_paths_pass_through_with_upstream_status(gatewa
         404,
         "upstream_error",
     )
+
+
+async def test_non_streamed_response_carries_its_cost(gateway: Gateway):
+    response = await gateway.client().chat.completions.with_raw_response.create(**CHAT)
+    # gpt-4o-mini: 7 input × 150 + 12 output × 600 nano-USD
+    assert response.headers["x-gateway-cost-usd"] == "0.00000825"
+    row = await gateway.row(response.headers["x-gateway-request-id"])
+    assert row["cost_nanousd"] == 8250 and row["price_unknown"] == 0
+    _, stream_headers = await raw_stream(gateway.client(), **CHAT)
+    assert "x-gateway-cost-usd" not in stream_headers
+
+
+async def test_unknown_model_is_priced_at_zero_and_flagged(gateway: Gateway):
+    response = await gateway.client().chat.completions.with_raw_response.create(
+        model="mystery-model", messages=CHAT["messages"]
+    )
+    assert response.headers["x-gateway-cost-usd"] == "0.00"
+    row = await gateway.row(response.headers["x-gateway-request-id"])
+    assert (row["cost_nanousd"], row["price_unknown"], row["input_tokens"]) == (0, 1, 7)
