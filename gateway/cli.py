@@ -106,6 +106,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             by=[part.strip() for part in args.by.split(",") if part.strip()],
             since=parse_when(args.since, zone) if args.since else None,
             until=parse_when(args.until, zone) if args.until else None,
+            zone=zone,
         )
         rows = usage_rows(config.storage.sqlite_path, query)
     except ValueError as exc:
@@ -114,6 +115,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(render(rows, args.format))
     if args.format == "table":
         print("\n".join(key_lines(config, today_in(zone))))
+    return EXIT_OK
+
+
+def cmd_invoice(args: argparse.Namespace) -> int:
+    from gateway.reports import build_invoice, render_invoice
+
+    config = _load(args.config)
+    if args.team not in config.teams:
+        print(f"unknown team '{args.team}' (teams: {', '.join(config.teams)})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        invoice = build_invoice(config.storage.sqlite_path, config, args.team, args.month)
+    except ValueError:
+        print(f"--month: '{args.month}' is not YYYY-MM", file=sys.stderr)
+        return EXIT_USAGE
+    print(render_invoice(invoice, args.format))
     return EXIT_OK
 
 
@@ -160,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--by", default="team,key,model", help="team,key,model,day,status")
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
     report.set_defaults(run=cmd_report)
+
+    invoice = commands.add_parser("invoice", help="one team's bill for a month")
+    _config_option(invoice)
+    invoice.add_argument("--team", required=True)
+    invoice.add_argument("--month", required=True, help="YYYY-MM")
+    invoice.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    invoice.set_defaults(run=cmd_invoice)
 
     fake = commands.add_parser("fake-upstream", help="an OpenAI-compatible fake upstream")
     fake.add_argument("--host", default="127.0.0.1")

@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from gateway.config import GatewayConfig
+from gateway.config import Billing, GatewayConfig
 from gateway.keys import days_left
 from gateway.pricing import format_usd
 
@@ -20,7 +20,7 @@ GROUPINGS = {
     "team": "team",
     "key": "key_id",
     "model": "model",
-    "day": "date(started_at, 'unixepoch')",
+    "day": "local_day(started_at)",
     "status": "status",
     "outcome": "outcome",
 }
@@ -43,6 +43,7 @@ class ReportQuery:
     by: Sequence[str] = ("team", "key", "model")
     since: float | None = None
     until: float | None = None
+    zone: ZoneInfo = ZoneInfo("UTC")  # days are calendar days in this zone
 
 
 def parse_when(value: str, zone: ZoneInfo, now: datetime | None = None) -> float:
@@ -86,6 +87,12 @@ def usage_rows(ledger_path: Path, query: ReportQuery) -> list[dict[str, object]]
         return []
     with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True) as db:
         db.row_factory = sqlite3.Row
+        db.create_function(
+            "local_day",
+            1,
+            lambda ts: datetime.fromtimestamp(ts, query.zone).date().isoformat(),
+            deterministic=True,
+        )
         try:
             rows = [dict(row) for row in db.execute(sql, params)]
         except sqlite3.OperationalError as exc:
@@ -161,3 +168,118 @@ def key_lines(config: GatewayConfig, today: date) -> list[str]:
                 state = f"expires {key.expires} ({left}d left)"
             lines.append(f"  {team.name}/{key.id}: {state}")
     return lines
+
+
+# ---------------------------------------------------------------- invoices
+
+_INVOICE_LINES = """
+SELECT COALESCE(model, '') AS model, COUNT(*) AS calls,
+       SUM(input_tokens) AS input_tokens, SUM(cached_input_tokens) AS cached_input_tokens,
+       SUM(output_tokens) AS output_tokens, SUM(reasoning_tokens) AS reasoning_tokens,
+       SUM(request_bytes) AS request_bytes, SUM(response_bytes) AS response_bytes,
+       SUM(cost_nanousd) AS amount_nanousd
+FROM requests
+WHERE team = ? AND started_at >= ? AND started_at < ? AND status BETWEEN 200 AND 299
+GROUP BY 1 ORDER BY 1
+"""
+
+
+def month_bounds(month: str, zone: ZoneInfo) -> tuple[float, float, int]:
+    """Start and end (unix seconds) of a YYYY-MM month in `zone`, and its number of days."""
+    first = datetime.strptime(month, "%Y-%m").replace(tzinfo=zone)
+    following = (first + timedelta(days=32)).replace(day=1)
+    return first.timestamp(), following.timestamp(), (following - first).days
+
+
+def build_invoice(ledger_path: Path, config: GatewayConfig, team: str, month: str) -> dict:
+    """The bill of one team for one month under its plan, exact in nano-USD."""
+    start, end, days = month_bounds(month, config.limits_timezone)
+    lines: list[dict[str, object]] = []
+    if ledger_path.exists():
+        with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True) as db:
+            db.row_factory = sqlite3.Row
+            lines = [dict(row) for row in db.execute(_INVOICE_LINES, (team, start, end))]
+    billing = config.teams[team].billing
+    usage_total = sum(int(line["amount_nanousd"]) for line in lines)
+    calls = sum(int(line["calls"]) for line in lines)
+    adjustments = _plan_adjustments(billing, usage_total, calls, days)
+    total = usage_total + sum(int(a["amount_nanousd"]) for a in adjustments)
+    return {
+        "team": team,
+        "month": month,
+        "plan": billing.plan,
+        "currency": config.team_prices(team).currency,
+        "lines": lines,
+        "adjustments": adjustments,
+        "total_nanousd": total,
+        "total_usd": total / 1e9,
+    }
+
+
+def _plan_adjustments(billing: Billing, usage_total: int, calls: int, days: int) -> list[dict]:
+    if billing.plan == "usage":
+        return []
+    rate = billing.rate_nanousd
+    billed = calls
+    description = f"{calls} calls x {format_usd(rate)} USD"
+    if billing.plan == "capped_per_request":
+        assert billing.max_requests_per_day is not None
+        cap = billing.max_requests_per_day * days
+        billed = min(calls, cap)
+        description = (
+            f"min({calls} calls, {billing.max_requests_per_day}/day x {days} days = {cap})"
+            f" x {format_usd(rate)} USD"
+        )
+    return [
+        {"description": f"usage charges replaced by plan {billing.plan}",
+         "amount_nanousd": -usage_total},
+        {"description": description, "amount_nanousd": billed * rate},
+    ]  # fmt: skip
+
+
+def render_invoice(invoice: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(invoice, indent=2)
+    rows = [
+        {"item": line["model"] or "(no model)", **{k: line[k] for k in _LINE_FIELDS}}
+        for line in invoice["lines"]
+    ]
+    rows += [
+        {"item": adjustment["description"], "amount_nanousd": adjustment["amount_nanousd"]}
+        for adjustment in invoice["adjustments"]
+    ]
+    rows.append({"item": "total", "amount_nanousd": invoice["total_nanousd"]})
+    for row in rows:
+        row["amount_usd"] = format_usd(int(row["amount_nanousd"]))
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(
+            out, fieldnames=["item", *_LINE_FIELDS, "amount_usd"], lineterminator="\n"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    header = (
+        f"invoice: team {invoice['team']}, {invoice['month']}, plan {invoice['plan']}, "
+        f"{invoice['currency']}"
+    )
+    table_rows = [{k: v for k, v in row.items() if k != "amount_nanousd"} for row in rows]
+    return header + "\n\n" + _plain_table(table_rows)
+
+
+_LINE_FIELDS = (
+    "calls", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
+    "request_bytes", "response_bytes", "amount_nanousd",
+)  # fmt: skip
+
+
+def _plain_table(rows: list[dict[str, object]]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        first, *rest = zip(values, widths, strict=True)
+        return "  ".join([first[0].ljust(first[1])] + [v.rjust(w) for v, w in rest]).rstrip()
+
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
