@@ -18,6 +18,7 @@ from gateway.handler import ProxyHandler
 from gateway.ledger import Ledger
 from gateway.limits import Limiter, seed_from_ledger
 from gateway.proxy import UpstreamClient
+from gateway.web.api import UsageApi
 
 log = logging.getLogger("gateway")
 
@@ -49,6 +50,8 @@ def build_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    usage_api = UsageApi(lambda: handler.config, limiter, ledger.flush)
+    app.router.add_routes(usage_api.routes())
     app.router.add_route("*", "/v1/{tail:.*}", handler.handle)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app

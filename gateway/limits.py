@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -240,6 +240,18 @@ class Limiter:
             quota.roll(self.calendar, now)
             if quota.period in used:
                 quota.used = used[quota.period].of(quota.kind)
+
+    def remaining(self, key: KeyConfig, team: TeamConfig) -> dict[str, dict[str, object]]:
+        """Every configured limit of a key and its team; where both set one, the tighter."""
+        merged: dict[str, dict[str, object]] = {}
+        for meter in (self.keys.get(key.id), self.teams.get(team.name)):
+            if meter is None:
+                continue
+            for name, entry in _limit_entries(meter, self).items():
+                held = merged.get(name)
+                if held is None or entry["remaining"] < held["remaining"]:  # type: ignore[operator]
+                    merged[name] = entry
+        return merged
 
     def meters_for(self, key: KeyConfig, team: TeamConfig) -> tuple[Meter, ...]:
         return tuple(
@@ -468,3 +480,40 @@ FROM requests
 WHERE started_at >= ? AND team IS NOT NULL AND outcome NOT IN ('rejected', 'queue_timeout')
 GROUP BY team, key_id
 """
+
+
+def iso_utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def _limit_entries(meter: Meter, limiter: Limiter) -> dict[str, dict[str, object]]:
+    now, wall = limiter.clock(), limiter.wall_clock()
+    entries: dict[str, dict[str, object]] = {}
+    for bucket in meter.rates:
+        remaining = bucket.remaining(now)
+        entries[bucket.name] = {
+            "limit": bucket.limit,
+            "used": bucket.limit - remaining,
+            "remaining": remaining,
+            "resets_at": iso_utc(wall + bucket.reset_in(now)),
+        }
+    for quota in meter.quotas:
+        quota.roll(limiter.calendar, wall)
+        name = CONFIG_NAMES.get(quota.name, quota.name)
+        scale = 1e9 if quota.kind == SPEND else 1
+        entries[name] = {
+            "limit": quota.limit / scale if scale != 1 else quota.limit,
+            "used": quota.used / scale if scale != 1 else quota.used,
+            "remaining": quota.remaining() / scale if scale != 1 else quota.remaining(),
+            "resets_at": iso_utc(quota.window_end),
+        }
+    if meter.max_concurrent is not None:
+        entries["max_concurrent"] = {
+            "limit": meter.max_concurrent,
+            "used": meter.active,
+            "remaining": max(0, meter.max_concurrent - meter.active),
+            "resets_at": None,
+        }
+    return entries

@@ -1,0 +1,263 @@
+"""The gateway's own HTTP answers: `/gateway/me`, `/gateway/usage`, and OpenAI's
+organization usage and costs endpoints (project = team, API key = gateway key id)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from multidict import MultiMapping
+
+from gateway.auth import Authenticator, Caller
+from gateway.config import GatewayConfig
+from gateway.errors import ADMIN_UNAUTHORIZED, INVALID_REQUEST, GatewayError, error_body
+from gateway.keys import bearer_secret, today_in
+from gateway.limits import Limiter
+from gateway.pricing import format_usd
+from gateway.usage import (
+    BUCKET_LIMITS,
+    COMPLETION_PATHS,
+    GROUP_COLUMNS,
+    QueryError,
+    UsageQuery,
+    bucket_page,
+    check_query,
+    now,
+    spend_since,
+)
+
+log = logging.getLogger("gateway.web")
+
+ConfigGetter = Callable[[], GatewayConfig]
+
+
+class UsageApi:
+    def __init__(self, config: ConfigGetter, limiter: Limiter, flush: Callable) -> None:
+        self._config = config
+        self._limiter = limiter
+        self._flush = flush
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/gateway/me", self.me),
+            web.get("/gateway/usage", self.gateway_usage),
+            web.get("/v1/organization/usage/completions", self.openai_completions),
+            web.get("/v1/organization/costs", self.openai_costs),
+        ]
+
+    @property
+    def ledger(self) -> Path:
+        return self._config().storage.sqlite_path
+
+    # ------------------------------------------------------------ /gateway/me
+
+    async def me(self, request: web.Request) -> web.Response:
+        config = self._config()
+        try:
+            caller = Authenticator(config).authenticate(
+                request.headers.get("Authorization"), today_in(config.limits_timezone)
+            )
+        except GatewayError as error:
+            return _error(error)
+        await self._flush()
+        return web.json_response(await self._me_document(config, caller))
+
+    async def _me_document(self, config: GatewayConfig, caller: Caller) -> dict[str, Any]:
+        key, team = caller.key, caller.team
+        day_start, _ = self._limiter.calendar.window("day")
+        month_start, _ = self._limiter.calendar.window("month")
+        today, month = await asyncio.gather(
+            asyncio.to_thread(spend_since, self.ledger, "key_id", key.id, day_start),
+            asyncio.to_thread(spend_since, self.ledger, "key_id", key.id, month_start),
+        )
+        return {
+            "team": team.name,
+            "key_id": key.id,
+            "expires": key.expires.isoformat() if key.expires else None,
+            "days_left": caller.days_left,
+            "plan": team.billing.plan,
+            "limits": self._limiter.remaining(key, team),
+            "spend_usd": {"today": _usd(today), "month": _usd(month)},
+        }
+
+    # ------------------------------------------------------------ admin
+
+    def _check_admin(self, request: web.Request) -> None:
+        expected = os.environ.get(self._config().admin.key_env, "")
+        presented = bearer_secret(request.headers.get("Authorization")) or ""
+        if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+            raise GatewayError(ADMIN_UNAUTHORIZED, "This endpoint needs the gateway's admin key.")
+
+    async def gateway_usage(self, request: web.Request) -> web.Response:
+        try:
+            self._check_admin(request)
+            query = _usage_query(request.query, default_width="1h")
+            check_query(query)
+            query.limit = query.limit or BUCKET_LIMITS[query.bucket_width][1]
+        except (GatewayError, QueryError) as error:
+            return _error(error)
+        await self._flush()
+        page = await asyncio.to_thread(bucket_page, self.ledger, query, percentiles=True)
+        data = []
+        for bucket in page.buckets:
+            results = []
+            for group in bucket.groups:
+                group["cost_usd"] = format_usd(int(group["cost_nanousd"]))
+                results.append(_rename(group, {"team": "team", "key_id": "key", "model": "model"}))
+            data.append({"start_time": bucket.start_time, "end_time": bucket.end_time,
+                         "results": results})  # fmt: skip
+        return web.json_response(
+            {"object": "gateway.usage", "bucket_width": query.bucket_width, "data": data,
+             "has_more": page.has_more, "next_page": page.next_page}  # fmt: skip
+        )
+
+    async def openai_completions(self, request: web.Request) -> web.Response:
+        try:
+            self._check_admin(request)
+            query = _usage_query(request.query, default_width="1d")
+            requested = list(query.group_by)
+            _only(requested, {"project_id", "user_id", "api_key_id", "model", "batch",
+                              "service_tier"})  # fmt: skip
+            # The gateway has no users, batches or tiers: those groups are always null.
+            query.group_by = [name for name in requested if name in GROUP_COLUMNS]
+            query.paths = COMPLETION_PATHS
+            query.billable_only = True
+            check_query(query)
+        except (GatewayError, QueryError) as error:
+            return _error(error)
+        await self._flush()
+        page = await asyncio.to_thread(bucket_page, self.ledger, query)
+        return web.json_response(_openai_page(page, requested, _completion_result))
+
+    async def openai_costs(self, request: web.Request) -> web.Response:
+        try:
+            self._check_admin(request)
+            query = _usage_query(request.query, default_width="1d")
+            check_query(query, max_width="1d")
+            _only(query.group_by, {"project_id", "line_item", "api_key_id"})
+            query.billable_only = True
+        except (GatewayError, QueryError) as error:
+            return _error(error)
+        await self._flush()
+        page = await asyncio.to_thread(bucket_page, self.ledger, query, limits=(7, 180))
+        currency = self._config().pricing.currency.lower()
+        return web.json_response(
+            _openai_page(page, query.group_by, lambda g, by: _cost_result(g, by, currency))
+        )
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def _openai_page(page, group_by, result_of) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    return {
+        "object": "page",
+        "data": [
+            {
+                "object": "bucket",
+                "start_time": bucket.start_time,
+                "end_time": bucket.end_time,
+                "results": [result_of(group, group_by) for group in bucket.groups],
+            }
+            for bucket in page.buckets
+        ],
+        "has_more": page.has_more,
+        "next_page": page.next_page,
+    }
+
+
+def _completion_result(group: dict[str, Any], group_by) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    return {
+        "object": "organization.usage.completions.result",
+        "input_tokens": int(group["input_tokens"] or 0),
+        "output_tokens": int(group["output_tokens"] or 0),
+        "input_cached_tokens": int(group["cached_input_tokens"] or 0),
+        "input_audio_tokens": 0,
+        "output_audio_tokens": 0,
+        "num_model_requests": int(group["requests"]),
+        "project_id": group.get("team") if "project_id" in group_by else None,
+        "user_id": None,
+        "api_key_id": group.get("key_id") if "api_key_id" in group_by else None,
+        "model": group.get("model") if "model" in group_by else None,
+        "batch": False if "batch" in group_by else None,
+    }
+
+
+def _cost_result(group: dict[str, Any], group_by, currency: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    return {
+        "object": "organization.costs.result",
+        "amount": {"value": int(group["cost_nanousd"] or 0) / 1e9, "currency": currency},
+        "line_item": group.get("model") if "line_item" in group_by else None,
+        "project_id": group.get("team") if "project_id" in group_by else None,
+        "api_key_id": group.get("key_id") if "api_key_id" in group_by else None,
+    }
+
+
+def _rename(group: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    return {names.get(k, k): v for k, v in group.items()}
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def _values(query: MultiMapping[str], name: str) -> list[str]:
+    """`name=a,b`, repeated `name=a&name=b`, or the SDK's `name[]=a&name[]=b`."""
+    values = [*query.getall(name, []), *query.getall(name + "[]", [])]
+    return [part for value in values for part in value.split(",") if part]
+
+
+def _int(query: MultiMapping[str], name: str, default: int | None = None) -> int | None:
+    value = query.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise QueryError(name, f"{name} must be an integer (unix seconds)") from None
+
+
+def _usage_query(query: MultiMapping[str], default_width: str) -> UsageQuery:
+    start = _int(query, "start_time")
+    if start is None:
+        raise QueryError("start_time", "start_time is required (unix seconds)")
+    limit = _int(query, "limit")
+    if limit is not None and limit < 1:
+        raise QueryError("limit", "limit must be at least 1")
+    group_by = _values(query, "group_by")
+    return UsageQuery(
+        start_time=start,
+        end_time=_int(query, "end_time", now()) or now(),
+        bucket_width=query.get("bucket_width", default_width),
+        group_by=group_by,
+        teams=_values(query, "project_ids") + _values(query, "teams"),
+        key_ids=_values(query, "api_key_ids") + _values(query, "keys"),
+        models=_values(query, "models"),
+        limit=limit,
+        page=query.get("page"),
+    )
+
+
+def _only(group_by: list[str] | tuple, allowed: set[str]) -> None:  # type: ignore[type-arg]
+    for name in group_by:
+        if name not in allowed:
+            raise QueryError("group_by", f"group_by '{name}' is not supported here")
+
+
+def _usd(nanousd: int) -> float:
+    return nanousd / 1e9
+
+
+def _error(error: GatewayError | QueryError) -> web.Response:
+    if isinstance(error, QueryError):
+        body = error_body(INVALID_REQUEST, str(error), error.param)
+        return web.Response(status=400, body=body, content_type="application/json")
+    return web.Response(
+        status=error.kind.status, body=error.body(), content_type="application/json"
+    )
+
