@@ -19,6 +19,7 @@ from gateway.ledger import Ledger
 from gateway.limits import Limiter, seed_from_ledger
 from gateway.proxy import UpstreamClient
 from gateway.web.api import UsageApi
+from gateway.web.metrics import GatewayCollector, metrics_handler
 
 log = logging.getLogger("gateway")
 
@@ -52,6 +53,10 @@ def build_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/readyz", _readyz)
     usage_api = UsageApi(lambda: handler.config, limiter, ledger.flush)
     app.router.add_routes(usage_api.routes())
+    collector = GatewayCollector(
+        handler.stats, lambda: handler.config, limiter, ledger, lambda: handler.in_flight
+    )
+    app.router.add_get("/metrics", metrics_handler(collector))
     app.router.add_route("*", "/v1/{tail:.*}", handler.handle)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app

@@ -46,6 +46,7 @@ from gateway.proxy import (
     relay,
     stream_request_body,
 )
+from gateway.web.metrics import CallStats
 
 log = logging.getLogger("gateway.calls")
 
@@ -88,6 +89,7 @@ class ProxyHandler:
         self.authenticator = Authenticator(config)
         self._max_body = config.listen.max_request_body
         self.in_flight = 0
+        self.stats = CallStats()
         self._unpriced_models: set[str | None] = set()
 
     def reconfigure(self, config: GatewayConfig) -> None:
@@ -421,6 +423,7 @@ class ProxyHandler:
                 ),
             )
         self.ledger.append(record)
+        self.stats.observe(record)
 
     def _price(self, call: CallContext) -> None:
         record = call.record

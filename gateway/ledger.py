@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from operator import attrgetter
@@ -120,6 +121,7 @@ class Ledger:
         self._flusher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()
+        self._oldest_pending = 0.0
         self._closing = False
         self.rows_written = 0
         self.last_error: str | None = None
@@ -132,7 +134,13 @@ class Ledger:
         self._flusher = asyncio.create_task(self._flush_periodically(), name="ledger-flush")
 
     def append(self, record: CallRecord) -> None:
+        if not self._pending:
+            self._oldest_pending = time.monotonic()
         self._pending.append(_as_row(record))
+
+    def write_lag(self) -> float:
+        """Seconds the oldest uncommitted row has waited."""
+        return time.monotonic() - self._oldest_pending if self._pending else 0.0
 
     @property
     def pending(self) -> int:

@@ -190,3 +190,42 @@ async def test_bad_query_is_a_400_naming_the_parameter(traffic: Gateway):
         traffic, "/v1/organization/costs", ADMIN_KEY, start_time=0, bucket_width="1h"
     )
     assert status == 400 and body["error"]["param"] == "bucket_width"
+
+
+async def test_metrics_agree_with_the_ledger(traffic: Gateway):
+    from datetime import UTC, date, datetime
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(str(traffic.server.make_url("/metrics"))) as response,
+    ):
+        assert response.status == 200
+        text = await response.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    rows = await traffic.rows()
+    research = {"team": "research", "model": "gpt-4o-mini"}
+    assert value("gateway_requests_total", **research, status="200", outcome="ok") == 3
+    assert value("gateway_requests_total", team="product", model="gpt-4o-mini", status="500",
+                 outcome="upstream_error") == 1  # fmt: skip
+    assert value("gateway_tokens_total", **research, kind="input") == 21
+    assert value("gateway_tokens_total", **research, kind="output") == 36
+    assert value("gateway_cost_usd_total", **research) == 3 * 8250 / 1e9
+    product_rows = [r for r in rows if r["team"] == "product"]
+    assert value("gateway_body_bytes_total", team="product", direction="out") == sum(
+        r["response_bytes"] for r in product_rows
+    )
+    assert value("gateway_request_duration_seconds_count", team="product") == 3
+    assert value("gateway_in_flight") == 0
+    assert value("gateway_ledger_pending_rows") == 0
+    left = (date(2999, 1, 1) - datetime.now(UTC).date()).days
+    assert value("gateway_key_days_left", team="research", key="research-dev") == left

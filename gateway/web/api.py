@@ -113,8 +113,13 @@ class UsageApi:
             data.append({"start_time": bucket.start_time, "end_time": bucket.end_time,
                          "results": results})  # fmt: skip
         return web.json_response(
-            {"object": "gateway.usage", "bucket_width": query.bucket_width, "data": data,
-             "has_more": page.has_more, "next_page": page.next_page}  # fmt: skip
+            {
+                "object": "gateway.usage",
+                "bucket_width": query.bucket_width,
+                "data": data,
+                "has_more": page.has_more,
+                "next_page": page.next_page,
+            }  # fmt: skip
         )
 
     async def openai_completions(self, request: web.Request) -> web.Response:
@@ -260,4 +265,3 @@ def _error(error: GatewayError | QueryError) -> web.Response:
     return web.Response(
         status=error.kind.status, body=error.body(), content_type="application/json"
     )
-

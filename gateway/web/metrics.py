@@ -1,0 +1,173 @@
+"""`GET /metrics` in Prometheus' text format.
+
+The request path only bumps plain dict counters (`CallStats.observe`); Prometheus metric
+families are built from them when scraped, so metering costs no locks or label lookups.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from gateway.config import GatewayConfig
+from gateway.keys import days_left, today_in
+from gateway.ledger import CallRecord, Ledger
+from gateway.limits import Limiter
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_KINDS = ("input", "cached_input", "output", "reasoning")
+
+
+class Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def family_buckets(self) -> list[tuple[str, float]]:
+        running, buckets = 0, []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
+        return buckets
+
+
+class CallStats:
+    """Running totals of every recorded call."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple, int] = defaultdict(int)
+        self.tokens: dict[tuple, int] = defaultdict(int)
+        self.bytes: dict[tuple, int] = defaultdict(int)
+        self.cost: dict[tuple, int] = defaultdict(int)
+        self.latency: dict[str, Histogram] = defaultdict(Histogram)
+        self.ttfb: dict[str, Histogram] = defaultdict(Histogram)
+
+    def observe(self, record: CallRecord) -> None:
+        team, model = record.team or "", record.model or ""
+        self.requests[(team, model, str(record.status), record.outcome)] += 1
+        if record.input_tokens or record.output_tokens:
+            for kind, value in zip(
+                _TOKEN_KINDS,
+                (record.input_tokens, record.cached_input_tokens, record.output_tokens,
+                 record.reasoning_tokens),
+                strict=True,
+            ):  # fmt: skip
+                self.tokens[(team, model, kind)] += value
+        self.bytes[(team, "in")] += record.request_bytes
+        self.bytes[(team, "out")] += record.response_bytes
+        if record.cost_nanousd:
+            self.cost[(team, model)] += record.cost_nanousd
+        if record.status and record.outcome != "rejected":
+            self.latency[team].observe(record.latency_ms / 1000)
+            if record.ttfb_ms is not None:
+                self.ttfb[team].observe(record.ttfb_ms / 1000)
+
+
+class GatewayCollector(Collector):
+    def __init__(
+        self,
+        stats: CallStats,
+        config: Callable[[], GatewayConfig],
+        limiter: Limiter,
+        ledger: Ledger,
+        in_flight: Callable[[], int],
+    ) -> None:
+        self.stats, self.config, self.limiter = stats, config, limiter
+        self.ledger, self.in_flight = ledger, in_flight
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._counters()
+        yield from self._histograms()
+        yield from self._gauges()
+
+    def _counters(self) -> Iterator[Metric]:
+        stats = self.stats
+        requests = CounterMetricFamily(
+            "gateway_requests", "Calls by team, model, status and outcome",
+            labels=["team", "model", "status", "outcome"],
+        )  # fmt: skip
+        for labels, value in stats.requests.items():
+            requests.add_metric(list(labels), value)
+        tokens = CounterMetricFamily(
+            "gateway_tokens", "Tokens by kind", labels=["team", "model", "kind"]
+        )
+        for labels, value in stats.tokens.items():
+            tokens.add_metric(list(labels), value)
+        moved = CounterMetricFamily(
+            "gateway_body_bytes", "Body bytes by direction (in = from clients)",
+            labels=["team", "direction"],
+        )  # fmt: skip
+        for labels, value in stats.bytes.items():
+            moved.add_metric(list(labels), value)
+        cost = CounterMetricFamily(
+            "gateway_cost_usd", "Cost of calls in USD", labels=["team", "model"]
+        )
+        for labels, value in stats.cost.items():
+            cost.add_metric(list(labels), value / 1e9)
+        yield from (requests, tokens, moved, cost)
+
+    def _histograms(self) -> Iterator[Metric]:
+        for name, help_text, source in (
+            ("gateway_request_duration_seconds", "Call latency, first byte in to last out",
+             self.stats.latency),
+            ("gateway_ttfb_seconds", "Time to the first response byte", self.stats.ttfb),
+        ):  # fmt: skip
+            family = HistogramMetricFamily(name, help_text, labels=["team"])
+            for team, histogram in source.items():
+                family.add_metric([team], histogram.family_buckets(), histogram.total)
+            yield family
+
+    def _gauges(self) -> Iterator[Metric]:
+        queued = GaugeMetricFamily("gateway_queue_depth", "Calls waiting", labels=["team"])
+        for team, queue in self.limiter.queues.items():
+            queued.add_metric([team], len(queue))
+        yield queued
+        yield GaugeMetricFamily("gateway_in_flight", "Calls being served", value=self.in_flight())
+        yield GaugeMetricFamily(
+            "gateway_ledger_pending_rows", "Rows not yet committed", value=self.ledger.pending
+        )
+        yield GaugeMetricFamily(
+            "gateway_ledger_write_lag_seconds",
+            "Age of the oldest row not yet committed",
+            value=self.ledger.write_lag(),
+        )
+        config = self.config()
+        today = today_in(config.limits_timezone)
+        expiry = GaugeMetricFamily(
+            "gateway_key_days_left", "Days until a key expires (0 on its last day)",
+            labels=["team", "key"],
+        )  # fmt: skip
+        for team in config.teams.values():
+            for key in team.keys:
+                left = days_left(key, today)
+                if left is not None:
+                    expiry.add_metric([team.name, key.id], left)
+        yield expiry
+
+
+def metrics_handler(collector: GatewayCollector) -> Callable:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    return metrics
