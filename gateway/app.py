@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
@@ -57,6 +58,9 @@ def build_app(config: GatewayConfig) -> web.Application:
         handler.stats, lambda: handler.config, limiter, ledger, lambda: handler.in_flight
     )
     app.router.add_get("/metrics", metrics_handler(collector))
+    app.router.add_get("/portal", _to_portal)
+    app.router.add_get("/portal/", _portal_index)
+    app.router.add_static("/portal/", STATIC_DIR)
     app.router.add_route("*", "/v1/{tail:.*}", handler.handle)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
@@ -71,6 +75,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:
         await app[UPSTREAM].close()
         await app[LEDGER].close()
+
+
+STATIC_DIR = Path(__file__).parent / "web" / "static"
+
+
+async def _to_portal(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/portal/")
+
+
+async def _portal_index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -46,6 +46,7 @@ class UsageApi:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/gateway/me", self.me),
+            web.get("/gateway/me/usage", self.me_usage),
             web.get("/gateway/usage", self.gateway_usage),
             web.get("/v1/organization/usage/completions", self.openai_completions),
             web.get("/v1/organization/costs", self.openai_costs),
@@ -82,9 +83,40 @@ class UsageApi:
             "expires": key.expires.isoformat() if key.expires else None,
             "days_left": caller.days_left,
             "plan": team.billing.plan,
+            "renew_warning": caller.days_left is not None
+            and caller.days_left <= config.renew_warning_days,
             "limits": self._limiter.remaining(key, team),
             "spend_usd": {"today": _usd(today), "month": _usd(month)},
         }
+
+    async def me_usage(self, request: web.Request) -> web.Response:
+        """The caller's own key's usage over time (for the portal's charts)."""
+        config = self._config()
+        try:
+            caller = Authenticator(config).authenticate(
+                request.headers.get("Authorization"), today_in(config.limits_timezone)
+            )
+            query = _usage_query(request.query, default_width="1d")
+            query.group_by, query.teams = [], []
+            query.key_ids = [caller.key.id]
+            check_query(query)
+        except (GatewayError, QueryError) as error:
+            return _error(error)
+        await self._flush()
+        page = await asyncio.to_thread(bucket_page, self.ledger, query, limits=BUCKET_LIMITS["1m"])
+        data = []
+        for bucket in page.buckets:
+            sums = bucket.groups[0] if bucket.groups else {}
+            data.append(
+                {
+                    "start_time": bucket.start_time,
+                    "end_time": bucket.end_time,
+                    **{field: int(sums.get(field) or 0) for field in _ME_FIELDS},
+                }
+            )
+        return web.json_response(
+            {"key_id": caller.key.id, "bucket_width": query.bucket_width, "data": data}
+        )
 
     # ------------------------------------------------------------ admin
 
@@ -202,6 +234,12 @@ def _cost_result(group: dict[str, Any], group_by, currency: str) -> dict[str, An
         "project_id": group.get("team") if "project_id" in group_by else None,
         "api_key_id": group.get("key_id") if "api_key_id" in group_by else None,
     }
+
+
+_ME_FIELDS = (
+    "requests", "errors", "input_tokens", "cached_input_tokens", "output_tokens",
+    "reasoning_tokens", "request_bytes", "response_bytes", "cost_nanousd",
+)  # fmt: skip
 
 
 def _rename(group: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"use strict";
+// The usage portal: a key holder sees their own key; the admin key sees every team.
+const $ = (id) => document.getElementById(id);
+const SPANS = { "1d": { seconds: 86400, count: 14 }, "1h": { seconds: 3600, count: 48 } };
+
+function formatUsd(nano) {
+  const value = BigInt(nano);
+  const sign = value < 0n ? "-" : "";
+  const abs = value < 0n ? -value : value;
+  let fraction = (abs % 1000000000n).toString().padStart(9, "0").replace(/0+$/, "");
+  if (fraction.length < 2) fraction = fraction.padEnd(2, "0");
+  return `${sign}${abs / 1000000000n}.${fraction}`;
+}
+
+async function getJson(path, key) {
+  const response = await fetch(path, { headers: { Authorization: `Bearer ${key}` } });
+  const body = await response.json().catch(() => ({}));
+  return { status: response.status, body };
+}
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function range(width) {
+  const span = SPANS[width];
+  const end = Math.ceil(Date.now() / 1000);
+  const start = Math.floor(end / span.seconds) * span.seconds - (span.count - 1) * span.seconds;
+  return { start, end };
+}
+
+function renderMe(me) {
+  $("team").textContent = me.team;
+  $("key-id").textContent = me.key_id;
+  $("plan").textContent = me.plan;
+  $("expires").textContent = me.expires ? `${me.expires} (${me.days_left} days left)` : "never";
+  $("spend-today").textContent = `${formatUsd(Math.round(me.spend_usd.today * 1e9))} USD`;
+  $("spend-month").textContent = `${formatUsd(Math.round(me.spend_usd.month * 1e9))} USD`;
+  const renew = $("renew");
+  renew.hidden = !me.renew_warning;
+  if (me.renew_warning) {
+    renew.textContent = `This key expires on ${me.expires}: ask for a new one before then.`;
+  }
+  const rows = Object.entries(me.limits).map(([name, entry]) => {
+    const share = entry.limit ? Math.min(100, (100 * entry.used) / entry.limit) : 0;
+    const resets = entry.resets_at ? new Date(entry.resets_at).toLocaleString() : "when a call ends";
+    return `<tr data-limit="${name}"><td>${name}<div class="bar"><span style="width:${share}%"></span></div></td>` +
+      `<td class="used">${entry.used}</td><td class="remaining">${entry.remaining} of ${entry.limit}</td><td>${resets}</td></tr>`;
+  });
+  $("limits").querySelector("tbody").innerHTML =
+    rows.join("") || '<tr><td colspan="4">No limits are set for this key or its team.</td></tr>';
+  $("me").hidden = false;
+}
+
+function barChart(element, buckets, valueOf, label) {
+  const values = buckets.map(valueOf);
+  const max = Math.max(1, ...values);
+  const width = 600, height = 140, bottom = 18, gap = 2;
+  const barWidth = width / Math.max(1, values.length);
+  const bars = values.map((value, i) => {
+    const h = ((height - bottom - 12) * value) / max;
+    return `<rect x="${i * barWidth + gap / 2}" y="${height - bottom - h}" width="${barWidth - gap}" height="${h}"><title>${label(value)}</title></rect>`;
+  });
+  const when = (b) => new Date(b.start_time * 1000).toISOString().slice(5, buckets.length > 20 ? 13 : 10).replace("T", " ");
+  const ticks = [0, Math.floor(values.length / 2), values.length - 1].filter((i) => buckets[i])
+    .map((i) => `<text x="${i * barWidth}" y="${height - 4}">${when(buckets[i])}</text>`);
+  element.innerHTML = `<svg viewBox="0 0 ${width} ${height}" preserveAspectRatio="none" role="img">` +
+    `<text x="0" y="10">max ${label(max)}</text>${bars.join("")}${ticks.join("")}</svg>`;
+}
+
+function renderCharts(buckets) {
+  const sum = (field) => buckets.reduce((total, b) => total + Number(b[field] || 0), 0);
+  $("total-calls").textContent = sum("requests");
+  $("total-tokens").textContent = sum("input_tokens") + sum("output_tokens");
+  $("total-cost").textContent = formatUsd(buckets.reduce((t, b) => t + BigInt(b.cost_nanousd || 0), 0n));
+  barChart($("chart-calls"), buckets, (b) => b.requests, (v) => `${v} calls`);
+  barChart($("chart-tokens"), buckets, (b) => b.input_tokens + b.output_tokens, (v) => `${v} tokens`);
+  barChart($("chart-cost"), buckets, (b) => b.cost_nanousd, (v) => `${formatUsd(Math.round(v))} USD`);
+  $("charts").hidden = false;
+}
+
+function totalsPerBucket(data) {
+  return data.map((bucket) => {
+    const total = { start_time: bucket.start_time, requests: 0, errors: 0, input_tokens: 0, output_tokens: 0, cost_nanousd: 0 };
+    for (const r of bucket.results) {
+      for (const field of ["requests", "errors", "input_tokens", "output_tokens", "cost_nanousd"]) total[field] += Number(r[field] || 0);
+    }
+    return total;
+  });
+}
+
+function renderTeams(data) {
+  const teams = {};
+  for (const bucket of data) {
+    for (const r of bucket.results) {
+      const t = (teams[r.team || "(no team)"] ||= { requests: 0, errors: 0, tokens: 0, cost: 0n });
+      t.requests += r.requests; t.errors += r.errors;
+      t.tokens += r.input_tokens + r.output_tokens; t.cost += BigInt(r.cost_nanousd);
+    }
+  }
+  $("team-table").querySelector("tbody").innerHTML = Object.entries(teams).sort().map(([name, t]) =>
+    `<tr data-team="${name}"><td>${name}</td><td class="calls">${t.requests}</td><td>${t.errors}</td><td>${t.tokens}</td><td class="cost">${formatUsd(t.cost)}</td></tr>`).join("");
+  $("teams").hidden = false;
+}
+
+async function load() {
+  const key = $("key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem("gateway-key", key);
+  const width = $("width").value;
+  const { start, end } = range(width);
+  setStatus("Loading…");
+  const me = await getJson("/gateway/me", key);
+  if (me.status === 200) {
+    renderMe(me.body);
+    const usage = await getJson(`/gateway/me/usage?bucket_width=${width}&start_time=${start}&end_time=${end}`, key);
+    renderCharts(usage.body.data);
+    setStatus(`Usage of key ${me.body.key_id}.`);
+    return;
+  }
+  const admin = await getJson(`/gateway/usage?bucket_width=${width}&start_time=${start}&end_time=${end}&group_by=team`, key);
+  if (admin.status === 200) {
+    $("me").hidden = true;
+    renderCharts(totalsPerBucket(admin.body.data));
+    renderTeams(admin.body.data);
+    setStatus("Admin view: every team.");
+    return;
+  }
+  setStatus((me.body.error && me.body.error.message) || "That key was not accepted.", true);
+}
+
+$("login").addEventListener("submit", (event) => { event.preventDefault(); load(); });
+$("width").addEventListener("change", load);
+const saved = sessionStorage.getItem("gateway-key");
+if (saved) { $("key").value = saved; load(); }
