@@ -6,6 +6,7 @@ graceful stop always flushes the ledger.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ LEDGER = web.AppKey("ledger", Ledger)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 HANDLER = web.AppKey("handler", ProxyHandler)
 LIMITER = web.AppKey("limiter", Limiter)
+READY = web.AppKey("ready", asyncio.Event)
 
 
 def upstream_key(config: GatewayConfig) -> str:
@@ -49,6 +51,7 @@ def build_app(config: GatewayConfig) -> web.Application:
     handler = ProxyHandler(config, upstream, ledger, limiter)
     app[CONFIG], app[LEDGER], app[UPSTREAM], app[HANDLER] = config, ledger, upstream, handler
     app[LIMITER] = limiter
+    app[READY] = asyncio.Event()
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -70,6 +73,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await app[LEDGER].open()
     seed_from_ledger(app[LIMITER], app[LEDGER].path)
     await app[UPSTREAM].start()
+    app[READY].set()
     try:
         yield
     finally:
@@ -94,7 +98,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     ledger = request.app[LEDGER]
-    ready = ledger.writable
+    ready = request.app[READY].is_set() and ledger.writable
     return web.json_response(
         {"ready": ready, "ledger_pending_rows": ledger.pending},
         status=200 if ready else 503,

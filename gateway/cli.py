@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -40,30 +39,15 @@ def run_async(main: Callable[[], object]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+    from gateway.logs import setup_logging
+    from gateway.server import serve
 
-    from gateway.app import build_app
-
+    path = config_path_from(args.config)
     config = _load(args.config)
+    setup_logging(config.log_level)
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
-
-    async def serve() -> None:
-        app = build_app(config)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-        await site.start()
-        logging.getLogger("gateway").info("listening on http://%s:%d/v1", host, port)
-        print(f"metering-gateway listening on http://{host}:{port}/v1", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        await runner.cleanup()
-
-    run_async(serve)
+    run_async(lambda: serve(path, config, host, port))
     return EXIT_OK
 
 
@@ -134,6 +118,20 @@ def cmd_invoice(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    logging.getLogger().setLevel(logging.WARNING)
+    output: list[str] = []
+
+    async def demo() -> None:
+        output.append(await run_demo())
+
+    run_async(demo)
+    print(output[0])
+    return EXIT_OK
+
+
 def cmd_fake_upstream(args: argparse.Namespace) -> int:
     from gateway.fake_upstream import run_fake_upstream
 
@@ -184,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     invoice.add_argument("--month", required=True, help="YYYY-MM")
     invoice.add_argument("--format", choices=("table", "json", "csv"), default="table")
     invoice.set_defaults(run=cmd_invoice)
+
+    demo = commands.add_parser("demo", help="offline demo: fake upstream, gateway, report")
+    demo.set_defaults(run=cmd_demo)
 
     fake = commands.add_parser("fake-upstream", help="an OpenAI-compatible fake upstream")
     fake.add_argument("--host", default="127.0.0.1")

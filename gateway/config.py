@@ -141,6 +141,9 @@ class GatewayConfig:
     renew_warning_days: int
     limits_backend: LimitsBackendConfig
     teams: Mapping[str, TeamConfig]
+    shutdown_grace_s: float = 30.0
+    log_level: str = "info"
+    log_calls: bool = True
 
     def keys_by_hash(self) -> dict[bytes, KeyConfig]:
         return {key.sha256: key for team in self.teams.values() for key in team.keys}
@@ -561,7 +564,7 @@ def _prices(node: yaml.Node | None, config_dir: Path, problems: _Problems) -> Pr
 
 _TOP_KEYS = {
     "listen", "upstream", "storage", "admin", "pricing", "limits_timezone",
-    "renew_warning_days", "limits", "teams",
+    "renew_warning_days", "limits", "teams", "shutdown_grace_s", "log_level", "log_calls",
 }  # fmt: skip
 
 
@@ -618,6 +621,13 @@ def parse_config(text: str, path: Path) -> GatewayConfig:
     top = _given(
         limits_timezone=_field(root, "limits_timezone", _timezone, "config", problems),
         renew_warning_days=_field(root, "renew_warning_days", _int(0), "config", problems),
+        shutdown_grace_s=_field(
+            root, "shutdown_grace_s", _number(positive=False), "config", problems
+        ),
+        log_level=_field(
+            root, "log_level", _choice("debug", "info", "warning", "error"), "config", problems
+        ),
+        log_calls=_field(root, "log_calls", _boolean, "config", problems),
     )
     if listen.get("port", 8787) > 65535:
         problems.add(root.get("listen"), "listen.port: must be <= 65535")
@@ -640,6 +650,7 @@ def parse_config(text: str, path: Path) -> GatewayConfig:
         renew_warning_days=top.get("renew_warning_days", 7),
         limits_backend=LimitsBackendConfig(**limits_backend),
         teams=teams,
+        **{k: top[k] for k in ("shutdown_grace_s", "log_level", "log_calls") if k in top},
     )
 
 

@@ -35,6 +35,7 @@ from gateway.errors import (
 from gateway.keys import today_in
 from gateway.ledger import CallRecord, Ledger
 from gateway.limits import TOKENS, Admission, Draw, Limiter, rate_headers
+from gateway.logs import call_fields
 from gateway.metering import BodyRecorder, RequestFacts, Usage, UsageChunkStripper
 from gateway.pricing import format_usd
 from gateway.proxy import (
@@ -48,7 +49,8 @@ from gateway.proxy import (
 )
 from gateway.web.metrics import CallStats
 
-log = logging.getLogger("gateway.calls")
+log = logging.getLogger("gateway.handler")
+call_log = logging.getLogger("gateway.calls")
 
 REQUEST_ID_HEADER = "x-gateway-request-id"
 KEY_EXPIRES_HEADER = "x-gateway-key-expires-in"
@@ -89,6 +91,8 @@ class ProxyHandler:
         self.authenticator = Authenticator(config)
         self._max_body = config.listen.max_request_body
         self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
         self.stats = CallStats()
         self._unpriced_models: set[str | None] = set()
 
@@ -110,6 +114,7 @@ class ProxyHandler:
             started=time.perf_counter(),
         )
         self.in_flight += 1
+        self.idle.clear()
         try:
             return await self._serve(call)
         except GatewayError as error:
@@ -123,6 +128,8 @@ class ProxyHandler:
             return self._fail(call)
         finally:
             self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
             self._record(call)
 
     # ------------------------------------------------------------ stages
@@ -424,6 +431,8 @@ class ProxyHandler:
             )
         self.ledger.append(record)
         self.stats.observe(record)
+        if self.config.log_calls:
+            call_log.info("call", extra={"call": call_fields(record)})
 
     def _price(self, call: CallContext) -> None:
         record = call.record

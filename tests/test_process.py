@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import socket
-import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,100 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-KEY = "mgw-process-test-key"
-UPSTREAM_KEY = "sk-process-upstream"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"process exited early: {process.stderr.read() if process.stderr else ''}"
-            )
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-class Stack:
-    def __init__(self, tmp_path: Path) -> None:
-        self.fake_port, self.port = free_port(), free_port()
-        self.ledger = tmp_path / "ledger.sqlite3"
-        self.config = tmp_path / "gateway.yaml"
-        self.config.write_text(
-            textwrap.dedent(
-                f"""\
-                listen: {{host: 127.0.0.1, port: {self.port}}}
-                upstream: {{base_url: "http://127.0.0.1:{self.fake_port}/v1", api_key_env: PT_KEY}}
-                storage: {{sqlite_path: {self.ledger}, flush_interval_ms: 50}}
-                pricing: {{models: {{gpt-4o-mini: {{input: 0.15, output: 0.60}}}}}}
-                teams:
-                  research:
-                    limits: {{requests_per_day: 20}}
-                    keys:
-                      - id: research-dev
-                        sha256: {hashlib.sha256(KEY.encode()).hexdigest()}
-                """
-            )
-        )
-        env = {**os.environ, "PT_KEY": UPSTREAM_KEY, "FAKE_UPSTREAM_KEY": UPSTREAM_KEY}
-        self.env = env
-        self.fake = self._start(["fake-upstream", "--port", str(self.fake_port)], self.fake_port)
-        self.gateway = self._start(["serve", "--config", str(self.config)], self.port)
-
-    def restart_gateway(self) -> None:
-        self.gateway = self._start(["serve", "--config", str(self.config)], self.port)
-
-    def _start(self, args: list[str], port: int) -> subprocess.Popen:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_for_port(port, process)
-        return process
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=f"http://127.0.0.1:{self.port}/v1", api_key=KEY, max_retries=0
-        )
-
-    def stop(self) -> None:
-        for process in (self.gateway, self.fake):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            for stream in (process.stdout, process.stderr):
-                if stream:
-                    stream.close()
-
-    def rows(self) -> list[sqlite3.Row]:
-        with sqlite3.connect(self.ledger) as db:
-            db.row_factory = sqlite3.Row
-            return list(db.execute("SELECT * FROM requests ORDER BY started_at"))
+from tests.processes import KEY, UPSTREAM_KEY, Stack, rss_kib
 
 
 @pytest.fixture
@@ -139,8 +42,8 @@ def test_serve_meters_sdk_calls_and_sigterm_flushes_the_ledger(stack: Stack):
     assert len(rows) == 6
     assert [(r["input_tokens"], r["output_tokens"]) for r in rows] == [(6, 12)] * 5 + [(4, 12)]
     assert sum(r["cost_nanousd"] for r in rows) == 5 * (6 * 150 + 12 * 600) + 4 * 150 + 12 * 600
-    stderr = stack.gateway.stderr.read() if stack.gateway.stderr else ""
-    assert UPSTREAM_KEY not in stderr and KEY not in stderr
+    logs = stack.log_text()
+    assert UPSTREAM_KEY not in logs and KEY not in logs
 
 
 def test_50_mb_stream_passes_with_flat_memory(stack: Stack):

@@ -1,0 +1,115 @@
+"""Running the gateway as a process: listen, reload on SIGHUP or a changed file, drain on
+SIGTERM/SIGINT (unready first, in-flight calls and streams finish, the ledger is flushed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.app import HANDLER, LEDGER, READY, UPSTREAM, build_app, upstream_key
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.proxy import UpstreamClient
+
+log = logging.getLogger("gateway.server")
+WATCH_INTERVAL_S = 2.0
+UNREADY_WINDOW_S = 1.0
+
+
+class GatewayProcess:
+    def __init__(self, config_path: Path, config: GatewayConfig, host: str, port: int) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.host, self.port = host, port
+        self.app = build_app(config)
+        self._file_digest = _digest(config_path)
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
+        await site.start()
+        log.info("listening on http://%s:%d/v1", self.host, self.port)
+        print(f"metering-gateway listening on http://{self.host}:{self.port}/v1", flush=True)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        watcher = asyncio.create_task(self._watch_file(), name="config-watch")
+        await self._stop.wait()
+        watcher.cancel()
+        await self._drain(site)
+        await runner.cleanup()
+        log.info("stopped; ledger flushed")
+
+    async def _drain(self, site: web.TCPSite) -> None:
+        self.app[READY].clear()
+        # Unready first, still serving, so a load balancer stops sending before we stop listening.
+        await asyncio.sleep(min(UNREADY_WINDOW_S, self.config.shutdown_grace_s))
+        await site.stop()  # stop accepting; open connections carry on
+        handler = self.app[HANDLER]
+        grace = self.config.shutdown_grace_s
+        log.info("draining %d call(s), up to %gs", handler.in_flight, grace)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(handler.idle.wait(), grace)
+        if handler.in_flight:
+            log.warning("%d call(s) still open after the grace period", handler.in_flight)
+        await self.app[LEDGER].flush()
+
+    async def reload(self) -> bool:
+        """Apply the config file again; an invalid file is refused and the old config stays."""
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as error:
+            for problem in error.problems:
+                log.error("config not reloaded: %s", problem)
+            return False
+        self._file_digest = _digest(self.config_path)
+        handler = self.app[HANDLER]
+        if config.upstream != self.config.upstream:
+            old = handler.upstream
+            fresh = UpstreamClient(config.upstream, upstream_key(config))
+            await fresh.start()
+            handler.upstream = self.app[UPSTREAM] = fresh
+            # Calls already under way keep the old pool until they end.
+            asyncio.get_running_loop().call_later(
+                config.shutdown_grace_s + config.upstream.timeout_s,
+                lambda: asyncio.ensure_future(old.close()),
+            )
+        handler.reconfigure(config)
+        if (config.listen.host, config.listen.port, config.storage) != (
+            self.config.listen.host,
+            self.config.listen.port,
+            self.config.storage,
+        ):
+            log.warning("listen address and storage changes apply at the next restart")
+        self.config = config
+        log.info("config reloaded from %s (%d teams)", self.config_path, len(config.teams))
+        return True
+
+    async def _watch_file(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            digest = await asyncio.to_thread(_digest, self.config_path)
+            if digest is not None and digest != self._file_digest:
+                self._file_digest = digest
+                await self.reload()
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+async def serve(config_path: Path, config: GatewayConfig, host: str, port: int) -> None:
+    await GatewayProcess(config_path, config, host, port).run()
