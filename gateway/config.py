@@ -398,7 +398,7 @@ def _section(
 def _billing(node: yaml.Node | None, where: str, problems: _Problems) -> Billing:
     if node is None:
         return Billing()
-    entries = _mapping(node, where, problems, {"plan", "rate_usd", "max_requests_per_day"})
+    entries = _mapping(node, where, problems, BILLING_KEYS)
     plan = _field(
         entries, "plan", _choice("usage", "per_request", "capped_per_request"), where, problems
     )
@@ -431,7 +431,7 @@ def _keys(node: yaml.Node | None, team: str, problems: _Problems) -> tuple[KeyCo
     keys = []
     for index, item in enumerate(node.value):
         where = f"teams.{team}.keys[{index}]"
-        entries = _mapping(item, where, problems, {"id", "sha256", "expires", "limits"})
+        entries = _mapping(item, where, problems, KEY_KEYS)
         key_id = _field(entries, "id", _string, where, problems)
         digest = _field(entries, "sha256", _sha256, where, problems)
         for required in ("id", "sha256"):
@@ -462,7 +462,7 @@ def _endpoints(value: Any) -> tuple[str, ...]:
 def _queue(node: yaml.Node | None, where: str, problems: _Problems) -> QueueConfig:
     if node is None:
         return QueueConfig()
-    entries = _mapping(node, where, problems, {"max_wait_s", "max_depth"})
+    entries = _mapping(node, where, problems, QUEUE_KEYS)
     return QueueConfig(
         **_given(
             max_wait_s=_field(entries, "max_wait_s", _number(positive=False), where, problems),
@@ -562,6 +562,45 @@ def _prices(node: yaml.Node | None, config_dir: Path, problems: _Problems) -> Pr
         return None
 
 
+SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "listen": {"host": _string, "port": _int(0), "max_request_body": parse_size},
+    "upstream": {
+        "base_url": _url,
+        "api_key_env": _string,
+        "connect_timeout_s": _number(positive=True),
+        "timeout_s": _number(positive=True),
+    },
+    "storage": {
+        "sqlite_path": _string,
+        "flush_interval_ms": _int(1),
+        "backend": _choice("sqlite", "postgres"),
+        "dsn_env": _string,
+    },
+    "admin": {"key_env": _string},
+    "limits": {
+        "backend": _choice("memory", "redis"),
+        "redis_url": _string,
+        "on_backend_error": _choice("fail_closed", "fail_open"),
+    },
+}
+QUEUE_KEYS = {"max_wait_s", "max_depth"}
+BILLING_KEYS = {"plan", "rate_usd", "max_requests_per_day"}
+KEY_KEYS = {"id", "sha256", "expires", "limits"}
+
+
+def documented_keys() -> dict[str, set[str]]:
+    """Every key the validator accepts, by section (the README's reference is checked on it)."""
+    return {
+        "top": set(_TOP_KEYS),
+        **{name: set(checks) for name, checks in SECTIONS.items()},
+        "teams.<team>": set(_TEAM_KEYS),
+        "teams.<team>.queue": set(QUEUE_KEYS),
+        "teams.<team>.billing": set(BILLING_KEYS),
+        "teams.<team>.keys[]": set(KEY_KEYS),
+        "limits (team or key)": set(_LIMIT_CHECKS),
+    }
+
+
 _TOP_KEYS = {
     "listen", "upstream", "storage", "admin", "pricing", "limits_timezone",
     "renew_warning_days", "limits", "teams", "shutdown_grace_s", "log_level", "log_calls",
@@ -577,47 +616,12 @@ def parse_config(text: str, path: Path) -> GatewayConfig:
             problems.add(None, "the config is empty")
         raise ConfigError(problems.sorted())
     root = _mapping(document, "config", problems, _TOP_KEYS)
-    listen = _section(
-        root,
-        "listen",
-        {"host": _string, "port": _int(0), "max_request_body": parse_size},
-        problems,
-    )
-    upstream = _section(
-        root,
-        "upstream",
-        {
-            "base_url": _url,
-            "api_key_env": _string,
-            "connect_timeout_s": _number(positive=True),
-            "timeout_s": _number(positive=True),
-        },
-        problems,
-    )
-    storage = _section(
-        root,
-        "storage",
-        {
-            "sqlite_path": _string,
-            "flush_interval_ms": _int(1),
-            "backend": _choice("sqlite", "postgres"),
-            "dsn_env": _string,
-        },
-        problems,
+    listen, upstream, storage, admin, limits_backend = (
+        _section(root, name, SECTIONS[name], problems)
+        for name in ("listen", "upstream", "storage", "admin", "limits")
     )
     if "sqlite_path" in storage:
         storage["sqlite_path"] = Path(storage["sqlite_path"])
-    admin = _section(root, "admin", {"key_env": _string}, problems)
-    limits_backend = _section(
-        root,
-        "limits",
-        {
-            "backend": _choice("memory", "redis"),
-            "redis_url": _string,
-            "on_backend_error": _choice("fail_closed", "fail_open"),
-        },
-        problems,
-    )
     top = _given(
         limits_timezone=_field(root, "limits_timezone", _timezone, "config", problems),
         renew_warning_days=_field(root, "renew_warning_days", _int(0), "config", problems),

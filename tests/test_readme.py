@@ -1,0 +1,45 @@
+"""The README's config reference lists exactly the keys the validator accepts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from gateway.config import documented_keys
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SECTION_OF_PREFIX = {
+    "": "top",
+    "teams.<team>.limits": "limits (team or key)",
+}
+
+
+def reference_keys() -> dict[str, set[str]]:
+    text = README.read_text()
+    section = text.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    found: dict[str, set[str]] = {}
+    for path in re.findall(r"^\| `([^`]+)` \|", section, re.MULTILINE):
+        parts = path.split(".")
+        # `listen.host` also documents `listen` itself, and so on up the path.
+        for depth in range(1, len(parts) + 1):
+            prefix, key = ".".join(parts[: depth - 1]), parts[depth - 1]
+            if not key.startswith("<"):
+                section_name = SECTION_OF_PREFIX.get(prefix, prefix)
+                found.setdefault(section_name, set()).add(key.removesuffix("[]"))
+    return found
+
+
+def test_config_reference_matches_the_validator():
+    documented = reference_keys()
+    accepted = documented_keys()
+    # the team's `limits` mapping is a section of its own; keys[].limits shares its names
+    assert documented.pop("teams.<team>.limits", set()) == set()
+    assert documented == accepted
+
+
+def test_readme_gives_the_two_setup_commands_and_ci_runs_the_test_one():
+    text = README.read_text()
+    assert "pip install . && OPENAI_API_KEY=sk-... metering-gateway serve" in text
+    assert "pip install '.[test]' && python -m pytest -q" in text
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "python -m pytest -q" in ci
