@@ -12,6 +12,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -47,6 +48,7 @@ from gateway.proxy import (
     relay,
     stream_request_body,
 )
+from gateway.upstream import UpstreamError, UpstreamResponse
 from gateway.web.metrics import CallStats
 
 log = logging.getLogger("gateway.handler")
@@ -201,6 +203,8 @@ class ProxyHandler:
         body = stream_request_body(
             request.content, self._max_body, counter, watch if scanner else None
         )
+        if scanner is not None and team.models is not None:
+            body = _last_piece_after(body, lambda: authorize(team, api_path, scanner.model))
         try:
             return await self._exchange(call, body, request.content_length)
         except GatewayError:
@@ -236,7 +240,7 @@ class ProxyHandler:
             upstream.release()
 
     async def _relay(
-        self, call: CallContext, upstream: aiohttp.ClientResponse
+        self, call: CallContext, upstream: UpstreamResponse
     ) -> web.StreamResponse:
         facts = call.facts
         assert facts is not None
@@ -245,7 +249,7 @@ class ProxyHandler:
         record.upstream_request_id = upstream.headers.get("x-request-id")
         response = web.StreamResponse(
             status=upstream.status,
-            reason=upstream.reason,
+            reason=upstream.reason or None,
             headers=client_response_headers(upstream),
         )
         self._add_gateway_headers(call, response)
@@ -284,13 +288,13 @@ class ProxyHandler:
         return response
 
     async def _relay_priced(
-        self, call: CallContext, upstream: aiohttp.ClientResponse, response: web.StreamResponse
+        self, call: CallContext, upstream: UpstreamResponse, response: web.StreamResponse
     ) -> None:
         """A small answer is read whole first, so its cost can go in a header."""
         assert call.recorder is not None and call.relayed is not None
         try:
             body = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (UpstreamError, TimeoutError, OSError) as exc:
             raise GatewayError(
                 UPSTREAM_UNAVAILABLE, "The upstream API broke off its answer."
             ) from exc
@@ -500,6 +504,21 @@ async def _estimate(facts: RequestFacts, recorder: BodyRecorder, is_sse: bool) -
         return metering.estimate_usage(facts, recorder, is_sse)
     # Tokenizing up to a megabyte would stall the event loop: do it in a thread.
     return await asyncio.to_thread(metering.estimate_usage, facts, recorder, is_sse)
+
+
+async def _last_piece_after(
+    body: AsyncIterator[bytes], check: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """Forward a body one piece behind and run `check` before its last piece, so the
+    upstream never holds a complete request that the check would refuse."""
+    held = None
+    async for piece in body:
+        if held is not None:
+            yield held
+        held = piece
+    check()
+    if held is not None:
+        yield held
 
 
 async def _finish_body(response: web.StreamResponse) -> None:

@@ -7,6 +7,7 @@ and reports what moved.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.errors import (
@@ -22,6 +22,12 @@ from gateway.errors import (
     UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
     GatewayError,
+)
+from gateway.upstream import (
+    ConnectionPool,
+    UpstreamError,
+    UpstreamResponse,
+    request_head,
 )
 
 HOP_BY_HOP = frozenset(
@@ -55,29 +61,18 @@ SMALL_BODY = 256 << 10
 
 
 class UpstreamClient:
-    """A pooled HTTP client to the configured upstream, with the real key attached."""
+    """Pooled keep-alive connections to the configured upstream, with the real key attached."""
 
     def __init__(self, config: UpstreamConfig, api_key: str) -> None:
         self.base = config.base_url.rstrip("/")
         self._authorization = f"Bearer {api_key}"
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout_s, sock_read=config.timeout_s
-        )
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = ConnectionPool(self.base, config.connect_timeout_s, config.timeout_s)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=self._timeout,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        """Nothing to open ahead: connections are made on first use and then kept."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.close()
 
     def upstream_headers(
         self, client_headers: CIMultiDictProxy[str], body_length: int | None, metered: bool
@@ -102,42 +97,35 @@ class UpstreamClient:
         path_and_query: str,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send the request; map failures before a response to the SPEC's 502/504."""
-        assert self._session is not None, "UpstreamClient.start() was not awaited"
-        url = URL(self.base + path_and_query, encoded=True)
+        pool = self._pool
+        head, chunked = request_head(
+            method,
+            pool.base_path + path_and_query,
+            pool.host_header,
+            headers,
+            streamed_body=body is not None and not isinstance(body, bytes),
+        )
         try:
-            return await self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
-            )
-        except (TimeoutError, aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
+            return await pool.request(head, body, chunked)
+        except TimeoutError as exc:
             raise GatewayError(
                 UPSTREAM_TIMEOUT, "The upstream API did not answer in time."
             ) from exc
-        except aiohttp.ClientConnectorError as exc:
+        except (UpstreamError, OSError) as exc:
             raise GatewayError(
-                UPSTREAM_UNAVAILABLE,
-                f"The upstream API could not be reached ({_reason(exc)}).",
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise GatewayError(
-                UPSTREAM_UNAVAILABLE,
-                f"The upstream API closed the connection before answering ({_reason(exc)}).",
+                UPSTREAM_UNAVAILABLE, f"The upstream API could not be reached ({_reason(exc)})."
             ) from exc
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+    if isinstance(exc, socket.gaierror):
         return "name resolution failed"
-    os_error = getattr(exc, "os_error", None)
-    if isinstance(os_error, OSError) and os_error.strerror:
-        return os_error.strerror.lower()
+    if isinstance(exc, UpstreamError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
     return type(exc).__name__
 
 
@@ -156,7 +144,7 @@ def _readable_encodings(accept_encoding: str) -> str:
     return ", ".join(offered) or "identity"
 
 
-def client_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+def client_response_headers(upstream: UpstreamResponse) -> CIMultiDict[str]:
     connection_tokens = _connection_tokens(upstream.headers.get("Connection"))
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.headers.items():
@@ -207,7 +195,7 @@ class RelayResult:
 
 
 async def relay(
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     client: web.StreamResponse,
     request: web.Request,
     started: float,
@@ -220,12 +208,11 @@ async def relay(
 
     Progress is kept in `result` as it happens, so a cancelled relay still tells what moved.
     """
-    content = upstream.content
     try:
         while True:
             try:
-                chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError, OSError):
+                chunk = await upstream.readany()
+            except (TimeoutError, UpstreamError, OSError):
                 result.upstream_broke = True
                 chunk = b""
             if not chunk:

@@ -296,4 +296,49 @@ async def test_multipart_model_outside_allow_list_is_403(make_gateway, fake):
     row = await gateway.row(caught.value.response.headers["x-gateway-request-id"])
     assert (row["status"], row["model"], row["outcome"]) == (403, "gpt-4o-transcribe", "rejected")
     uploads = [r for r in fake.state.received if r.path == "/v1/audio/transcriptions"]
-    assert all(upload.body_size < 2_000_000 for upload in uploads)
+    # refused mid-upload: the gateway stopped reading and never completed the upstream request
+    assert all(row["request_bytes"] < upload.body_size for upload in uploads)
+
+
+async def test_multipart_model_sent_after_the_file_is_still_refused_before_upstream_completes(
+    make_gateway, fake
+):
+    teams = f"""
+  product:
+    models: [whisper-1]
+    keys:
+      - id: product-web
+        sha256: {sha(PRODUCT_KEY)}
+"""
+    gateway = await make_gateway(teams=teams)
+    form = aiohttp.FormData()
+    form.add_field("file", b"\x01" * 300_000, filename="a.mp3")
+    form.add_field("model", "gpt-4o-transcribe")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            gateway.base_url + "/audio/transcriptions",
+            data=form,
+            headers={"Authorization": f"Bearer {PRODUCT_KEY}"},
+        ) as response,
+    ):
+        assert response.status == 403
+        assert (await response.json())["error"]["code"] == "model_not_allowed"
+
+
+async def test_a_refused_body_never_sends_its_last_piece():
+    from gateway.handler import _last_piece_after
+
+    async def pieces():
+        for piece in (b"a", b"b", b"c"):
+            yield piece
+
+    def refuse() -> None:
+        raise PermissionError
+
+    sent = []
+    with pytest.raises(PermissionError):
+        async for piece in _last_piece_after(pieces(), refuse):
+            sent.append(piece)
+    assert sent == [b"a", b"b"]
+    assert [p async for p in _last_piece_after(pieces(), lambda: None)] == [b"a", b"b", b"c"]
