@@ -48,6 +48,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.complete = False
+        self.keep_alive = False
         self.failed: BaseException | None = None
         self.received_any = False
         self._waiter: asyncio.Future[None] | None = None
@@ -99,6 +100,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        # Asked here: once the callback returns, llhttp has reset for the next message.
+        self.keep_alive = self.parser.should_keep_alive()
         self.complete = True
         self._wake()
 
@@ -181,7 +184,6 @@ class UpstreamResponse:
             for name, value in connection.raw_headers
         )
         self.headers = CIMultiDictProxy(headers)
-        self._keep_alive = parser.should_keep_alive()
         self._done = False
 
     @property
@@ -217,7 +219,7 @@ class UpstreamResponse:
             return
         self._done = True
         connection = self._connection
-        if connection.complete and self._keep_alive and connection.failed is None:
+        if connection.complete and connection.keep_alive and connection.failed is None:
             self._pool.put_back(connection)
         else:
             connection.close()
