@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import secrets
@@ -61,8 +62,13 @@ COST_HEADER = "x-gateway-cost-usd"
 _UNSAFE_PATH = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|%2f|%5c|\\", re.IGNORECASE)
 
 
+_ID_PREFIX = "req_" + secrets.token_hex(8)
+_id_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    """Unique across processes and restarts (a random prefix), cheap within one."""
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 @dataclass
@@ -269,8 +275,7 @@ class ProxyHandler:
             and upstream.content_length is not None
             and upstream.content_length <= SMALL_BODY
         ):
-            await self._relay_priced(call, upstream, response)
-            return response
+            return await self._relay_priced(call, upstream, response)
         await response.prepare(call.request)
         await relay(
             upstream,
@@ -289,8 +294,9 @@ class ProxyHandler:
 
     async def _relay_priced(
         self, call: CallContext, upstream: UpstreamResponse, response: web.StreamResponse
-    ) -> None:
-        """A small answer is read whole first, so its cost can go in a header."""
+    ) -> web.Response:
+        """A small answer is read whole first, so its cost can go in a header; it then goes
+        out in one write."""
         assert call.recorder is not None and call.relayed is not None
         try:
             body = await upstream.read()
@@ -302,18 +308,17 @@ class ProxyHandler:
         call.record.response_bytes = len(body)
         await self._meter(call)
         self._price(call)
-        response.headers[COST_HEADER] = format_usd(call.record.cost_nanousd)
-        response.content_length = len(body)
+        headers = response.headers
+        headers[COST_HEADER] = format_usd(call.record.cost_nanousd)
+        headers.popall("Content-Length", None)
+        whole = web.Response(status=response.status, reason=response.reason, headers=headers)
+        whole.body = body
+        call.response = whole
         result = call.relayed
-        try:
-            await response.prepare(call.request)
-            result.ttfb_s = time.perf_counter() - call.started
-            await response.write(body)
-            result.response_bytes = len(body)
-            await response.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
-            result.client_gone = True
+        result.ttfb_s = time.perf_counter() - call.started
+        result.response_bytes = len(body)
         self._account(call)
+        return whole
 
     async def _settle(self, call: CallContext) -> None:
         """Fill the record from what was relayed: bytes, timing, outcome, tokens."""

@@ -70,6 +70,7 @@ def usage_from_mapping(usage: Any) -> Usage | None:
 
 
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_DECODER = json.JSONDecoder()
 
 
 def usage_in_tail(tail: bytes) -> Usage | None:
@@ -78,7 +79,7 @@ def usage_in_tail(tail: bytes) -> Usage | None:
     A raw `"usage":` can only be a key: inside a JSON string the quotes would be escaped.
     """
     position = len(tail)
-    decoder = json.JSONDecoder()
+    decoder = _DECODER
     while (position := tail.rfind(b'"usage"', 0, position)) != -1:
         match = _USAGE_OBJECT.match(tail, position)
         if match:

@@ -145,10 +145,13 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"0\r\n\r\n")
 
     async def next_chunk(self, read_timeout: float) -> bytes:
+        """What has arrived since the last call (joined), b"" at the end of the body."""
         while True:
             if self.chunks:
-                chunk = self.chunks.popleft()
-                self.buffered -= len(chunk)
+                chunks = self.chunks
+                chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self.buffered = 0
                 if self._paused and self.buffered < _LOW_WATER and self.transport is not None:
                     self._paused = False
                     self.transport.resume_reading()
@@ -157,10 +160,13 @@ class _Connection(asyncio.Protocol):
                 return b""
             if self.failed is not None:
                 raise self.failed
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(read_timeout, _expire, waiter)
             try:
-                await asyncio.wait_for(self._waiter, read_timeout)
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
 
     def close(self) -> None:
@@ -282,9 +288,7 @@ class ConnectionPool:
                 connection = await self._connect()
             try:
                 await connection.send(head, body, chunked)
-                await asyncio.wait_for(
-                    asyncio.shield(connection.headers_done), self.read_timeout
-                )
+                await self._headers(connection)
             except UpstreamError:
                 connection.close()
                 retry = reused and attempt == 0 and not connection.received_any
@@ -298,9 +302,23 @@ class ConnectionPool:
             return UpstreamResponse(self, connection, self.read_timeout)
         raise AssertionError("unreachable")
 
+    async def _headers(self, connection: _Connection) -> None:
+        timer = asyncio.get_running_loop().call_later(
+            self.read_timeout, _expire, connection.headers_done
+        )
+        try:
+            await connection.headers_done
+        finally:
+            timer.cancel()
+
     async def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def request_head(
