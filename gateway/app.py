@@ -52,6 +52,7 @@ def build_app(config: GatewayConfig) -> web.Application:
     app[CONFIG], app[LEDGER], app[UPSTREAM], app[HANDLER] = config, ledger, upstream, handler
     app[LIMITER] = limiter
     app[READY] = asyncio.Event()
+    ledger.on_flush.append(handler.call_log.flush)  # call log lines go out on the same beat
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -79,6 +80,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:
         await app[UPSTREAM].close()
         await app[LEDGER].close()
+        await app[HANDLER].call_log.flush()
 
 
 STATIC_DIR = Path(__file__).parent / "web" / "static"

@@ -998,7 +998,9 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 def run_fake_upstream(host: str = "127.0.0.1", port: int = 9797) -> None:
     """Serve the fake upstream until interrupted."""
     loop = _new_event_loop()
-    web.run_app(build_fake_app(), host=host, port=port, access_log=None, loop=loop)
+    web.run_app(
+        build_fake_app(), host=host, port=port, access_log=None, loop=loop, backlog=1024
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

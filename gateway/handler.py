@@ -37,7 +37,7 @@ from gateway.errors import (
 from gateway.keys import today_in
 from gateway.ledger import CallRecord, Ledger
 from gateway.limits import TOKENS, Admission, Draw, Limiter, rate_headers
-from gateway.logs import call_fields
+from gateway.logs import CallLog
 from gateway.metering import BodyRecorder, RequestFacts, Usage, UsageChunkStripper
 from gateway.pricing import format_usd
 from gateway.proxy import (
@@ -53,7 +53,6 @@ from gateway.upstream import UpstreamError, UpstreamResponse
 from gateway.web.metrics import CallStats
 
 log = logging.getLogger("gateway.handler")
-call_log = logging.getLogger("gateway.calls")
 
 REQUEST_ID_HEADER = "x-gateway-request-id"
 KEY_EXPIRES_HEADER = "x-gateway-key-expires-in"
@@ -102,6 +101,7 @@ class ProxyHandler:
         self.idle = asyncio.Event()
         self.idle.set()
         self.stats = CallStats()
+        self.call_log = CallLog()
         self._unpriced_models: set[str | None] = set()
 
     def reconfigure(self, config: GatewayConfig) -> None:
@@ -440,8 +440,8 @@ class ProxyHandler:
             )
         self.ledger.append(record)
         self.stats.observe(record)
-        if self.config.log_calls:
-            call_log.info("call", extra={"call": call_fields(record)})
+        if self.config.log_calls and self.call_log.enabled:
+            self.call_log.add(record)
 
     def _price(self, call: CallContext) -> None:
         record = call.record

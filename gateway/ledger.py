@@ -11,7 +11,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from pathlib import Path
@@ -122,6 +122,7 @@ class Ledger:
         self._wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._oldest_pending = 0.0
+        self.on_flush: list[Callable[[], Awaitable[None]]] = []
         self._closing = False
         self.rows_written = 0
         self.last_error: str | None = None
@@ -178,6 +179,8 @@ class Ledger:
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
             self._wake.clear()
             try:
+                for hook in self.on_flush:
+                    await hook()
                 await self.flush()
             except (sqlite3.Error, OSError):
                 await asyncio.sleep(min(1.0, self._interval_s * 10))

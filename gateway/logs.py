@@ -5,10 +5,11 @@ Only fields the gateway chose go into a line: never a key, a secret, or prompt/c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -49,5 +50,36 @@ def setup_logging(level: str = "info", json_lines: bool = True) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def call_fields(record: object) -> dict[str, Any]:
-    return {name: getattr(record, name) for name in CALL_FIELDS}
+class CallLog:
+    """The per-call log lines, in the same JSON shape as every other line, but built with
+    one orjson call and written in batches from a thread: `logging` per call would cost a
+    fifth of the gateway's throughput."""
+
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        self._stream = stream
+        self._lines: list[bytes] = []
+        self.enabled = logging.getLogger("gateway.calls").isEnabledFor(logging.INFO)
+
+    def add(self, record: object) -> None:
+        now = time.time()
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1000) % 1000:03d}Z",
+            "level": "info",
+            "logger": "gateway.calls",
+            "msg": "call",
+        }
+        for name in CALL_FIELDS:
+            line[name] = getattr(record, name)
+        self._lines.append(orjson.dumps(line) + b"\n")
+
+    async def flush(self) -> None:
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        await asyncio.to_thread(self._write, b"".join(lines))
+
+    def _write(self, data: bytes) -> None:
+        stream = self._stream or sys.stderr.buffer
+        stream.write(data)
+        stream.flush()

@@ -64,6 +64,9 @@ if str(REPO) not in sys.path:
 MODEL = "gpt-4o-mini"
 UPSTREAM_KEY = "sk-bench-upstream-" + secrets.token_hex(8)
 GATEWAY_SECRET = "mgw-bench-" + secrets.token_urlsafe(24)
+LIMITED_SECRET = "mgw-bench-limited-" + secrets.token_urlsafe(24)
+LIMITED_TEAM_C = 50  # the limits-cost run: a team whose every limit is checked, never reached
+
 GATEWAY_CPU, UPSTREAM_CPU, LOADGEN_CPU = 0, 1, 1
 
 CONCURRENCY_FULL = (1, 10, 50, 200)
@@ -736,7 +739,15 @@ class Stack:
             "    keys:\n"
             "      - id: bench-key\n"
             f"        sha256: {hashlib.sha256(GATEWAY_SECRET.encode()).hexdigest()}\n"
-            + self.extra_config
+            "  limited:\n"
+            "    limits: {requests_per_minute: 100000000, tokens_per_minute: 10000000000,\n"
+            "             requests_per_day: 1000000000, tokens_per_day: 100000000000,\n"
+            "             bytes_per_day: 1000GB, spend_per_day_usd: 1000000,\n"
+            "             max_concurrent: 100000}\n"
+            "    keys:\n"
+            "      - id: limited-key\n"
+            f"        sha256: {hashlib.sha256(LIMITED_SECRET.encode()).hexdigest()}\n"
+            "        limits: {requests_per_minute: 100000000}\n" + self.extra_config
         )
         self.gateway, log = self._spawn(
             ["-m", "gateway", "serve", "--config", str(self.config)], "gateway.log"
@@ -1321,6 +1332,20 @@ def goals(bench: Bench) -> list[Goal]:
             None if ledger is None else ledger.rows_s >= TARGET_LEDGER_ROWS_S,
         )
     )
+    unlimited = bench.run("gateway", "chat", LIMITED_TEAM_C)
+    with_limits = bench.run("gateway+limits", "chat", LIMITED_TEAM_C)
+    if unlimited is not None and with_limits is not None and unlimited.rps:
+        share = with_limits.rps / unlimited.rps
+        # Not a target: what enforcing every limit kind costs a team that has them. Teams
+        # without limits never touch the limiter, whatever other teams configure.
+        out.append(
+            Goal(
+                f"(information) a team with every limit kind vs an unlimited team, "
+                f"c={LIMITED_TEAM_C}",
+                f"{with_limits.rps:,.0f} vs {unlimited.rps:,.0f} req/s = {share:.0%}",
+                None,
+            )
+        )
     rows = bench.gateway_rows
     out.append(
         Goal(
@@ -1333,7 +1358,7 @@ def goals(bench: Bench) -> list[Goal]:
 
 
 def verdict(met: bool | None) -> str:
-    return "not measured" if met is None else ("met" if met else "NOT MET")
+    return "info" if met is None else ("met" if met else "NOT MET")
 
 
 def text_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -1743,6 +1768,18 @@ def execute(bench: Bench, stack: Stack, runner: asyncio.Runner, budget: Budget) 
         for target in targets:
             measure(target, "stream", c)
 
+    progress("a team with every limit configured (none reached), against the unlimited one")
+    limited = Target("gateway+limits", gateway.base_url, LIMITED_SECRET)
+    limited.port = stack.gateway_port
+    budget.run(
+        runner,
+        lambda: run_load(
+            stack, limited, chat_request(limited, False), "warmup", 10, WARMUP_S, args.client, False
+        ),
+        "warm-up gateway+limits",
+    )
+    measure(limited, "chat", LIMITED_TEAM_C)
+
     progress(f"download of {bench.download_size / 1e6:,.0f} MB")
     for target in (direct, gateway):
         stack.repin()
@@ -1764,7 +1801,7 @@ def execute(bench: Bench, stack: Stack, runner: asyncio.Runner, budget: Budget) 
     progress("stopping the gateway (SIGTERM) and counting its ledger rows")
     stack.check_alive()
     bench.gateway_exit = stack.stop_gateway()
-    bench.gateway_sent = gateway.sent
+    bench.gateway_sent = gateway.sent + limited.sent
     bench.gateway_rows, bench.gateway_rows_by = count_rows(stack.ledger)
     if bench.gateway_exit != 0:
         bench.notes.append(f"gateway exited with code {bench.gateway_exit} on SIGTERM")
