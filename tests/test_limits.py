@@ -113,12 +113,14 @@ async def test_ratelimit_headers_show_the_tighter_per_minute_budget(make_gateway
     assert headers["x-ratelimit-remaining-requests"] == "3"
     assert headers["x-ratelimit-reset-requests"] in ("15s", "14s")
     assert headers["x-ratelimit-limit-tokens"] == "1000"
-    # reserved 11 (the prompt estimate; no max_tokens) when the headers were written
-    assert headers["x-ratelimit-remaining-tokens"] == "989"
+    # when the headers were written the call held its reservation: body bytes / 4, no max_tokens
+    row = await gateway.row(headers["x-gateway-request-id"])
+    assert row["request_bytes"] == 80  # the SDK's JSON for this body
+    assert headers["x-ratelimit-remaining-tokens"] == str(1000 - 80 // 4)
 
 
 async def test_daily_token_quota_stops_at_the_exact_boundary(make_gateway):
-    # each call: reserves 11 (prompt estimate), uses 7 + 12 = 19 as the upstream reports
+    # each call reserves 80 // 4 = 20 (its body bytes / 4) and uses 7 + 12 = 19 as reported
     gateway = await make_gateway(teams=team("{tokens_per_day: 40}"))
     results = [await call(gateway.client()) for _ in range(3)]
     assert statuses(results) == [200, 200, 429]
