@@ -22,6 +22,13 @@ def _load(config_arg: str | None) -> GatewayConfig:
         raise SystemExit(EXIT_USAGE) from None
 
 
+def _known_team(config: GatewayConfig, team: str) -> bool:
+    if team in config.teams:
+        return True
+    print(f"unknown team '{team}' (teams: {', '.join(config.teams)})", file=sys.stderr)
+    return False
+
+
 def _new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -62,8 +69,7 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     from gateway.keys import mint_key, parse_expiry, today_in
 
     config = _load(args.config)
-    if args.team not in config.teams:
-        print(f"unknown team '{args.team}' (teams: {', '.join(config.teams)})", file=sys.stderr)
+    if not _known_team(config, args.team):
         return EXIT_USAGE
     key_id = args.id or f"{args.team}-{len(config.teams[args.team].keys) + 1}"
     try:
@@ -106,8 +112,7 @@ def cmd_invoice(args: argparse.Namespace) -> int:
     from gateway.reports import build_invoice, render_invoice
 
     config = _load(args.config)
-    if args.team not in config.teams:
-        print(f"unknown team '{args.team}' (teams: {', '.join(config.teams)})", file=sys.stderr)
+    if not _known_team(config, args.team):
         return EXIT_USAGE
     try:
         invoice = build_invoice(config.storage.sqlite_path, config, args.team, args.month)

@@ -214,15 +214,6 @@ class ProxyHandler:
             body = _last_piece_after(body, lambda: authorize(team, api_path, scanner.model))
         try:
             return await self._exchange(call, body, request.content_length)
-        except GatewayError:
-            if counter[0] > self._max_body:
-                raise GatewayError(
-                    REQUEST_TOO_LARGE,
-                    f"The request body is larger than the limit of {self._max_body} bytes.",
-                ) from None
-            if scanner is not None and scanner.model is not None:
-                authorize(team, api_path, scanner.model)
-            raise
         finally:
             call.record.request_bytes = counter[0]
             if scanner is not None and scanner.model:

@@ -154,10 +154,6 @@ def client_response_headers(upstream: UpstreamResponse) -> CIMultiDict[str]:
     return headers
 
 
-class RequestBodyTooLarge(Exception):
-    """The client's streamed body passed `listen.max_request_body`."""
-
-
 async def stream_request_body(
     content: aiohttp.StreamReader,
     limit: int,
@@ -168,7 +164,7 @@ async def stream_request_body(
     while chunk := await content.readany():
         counter[0] += len(chunk)
         if counter[0] > limit:
-            raise RequestBodyTooLarge
+            raise _too_large(limit)
         if observe is not None:
             observe(chunk)
         yield chunk
@@ -180,10 +176,14 @@ async def read_small_body(content: aiohttp.StreamReader, limit: int) -> bytes:
     while chunk := await content.readany():
         buffer += chunk
         if len(buffer) > limit:
-            raise GatewayError(
-                REQUEST_TOO_LARGE, f"The request body is larger than the limit of {limit} bytes."
-            )
+            raise _too_large(limit)
     return bytes(buffer)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        REQUEST_TOO_LARGE, f"The request body is larger than the limit of {limit} bytes."
+    )
 
 
 @dataclass(slots=True)

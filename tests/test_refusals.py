@@ -13,6 +13,13 @@ import pytest
 from gateway import tokens
 from tests.conftest import EXPIRED_KEY, PRODUCT_KEY, RESEARCH_KEY, UPSTREAM_KEY, Gateway, sha
 
+WHISPER_ONLY = f"""
+  product:
+    models: [whisper-1]
+    keys:
+      - id: product-web
+        sha256: {sha(PRODUCT_KEY)}
+"""
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello to me"}]}
 AUTH = {"Authorization": f"Bearer {RESEARCH_KEY}"}
 
@@ -280,14 +287,7 @@ async def test_client_disconnect_mid_stream_is_recorded(gateway: Gateway, fake):
 
 
 async def test_multipart_model_outside_allow_list_is_403(make_gateway, fake):
-    teams = f"""
-  product:
-    models: [whisper-1]
-    keys:
-      - id: product-web
-        sha256: {sha(PRODUCT_KEY)}
-"""
-    gateway = await make_gateway(teams=teams)
+    gateway = await make_gateway(teams=WHISPER_ONLY)
     with pytest.raises(openai.PermissionDeniedError) as caught:
         await gateway.client(PRODUCT_KEY).audio.transcriptions.create(
             model="gpt-4o-transcribe", file=("a.mp3", b"\x00" * 2_000_000)
@@ -303,14 +303,7 @@ async def test_multipart_model_outside_allow_list_is_403(make_gateway, fake):
 async def test_multipart_model_sent_after_the_file_is_still_refused_before_upstream_completes(
     make_gateway, fake
 ):
-    teams = f"""
-  product:
-    models: [whisper-1]
-    keys:
-      - id: product-web
-        sha256: {sha(PRODUCT_KEY)}
-"""
-    gateway = await make_gateway(teams=teams)
+    gateway = await make_gateway(teams=WHISPER_ONLY)
     form = aiohttp.FormData()
     form.add_field("file", b"\x01" * 300_000, filename="a.mp3")
     form.add_field("model", "gpt-4o-transcribe")
@@ -342,3 +335,23 @@ async def test_a_refused_body_never_sends_its_last_piece():
             sent.append(piece)
     assert sent == [b"a", b"b"]
     assert [p async for p in _last_piece_after(pieces(), lambda: None)] == [b"a", b"b", b"c"]
+
+
+async def test_streamed_upload_over_the_limit_is_413(make_gateway):
+    gateway = await make_gateway(max_request_body="1KB")
+
+    async def body():
+        for _ in range(10):
+            yield b"x" * 500
+
+    status, headers, answer = await post(
+        gateway,
+        "/files",
+        data=body(),
+        headers={**AUTH, "Content-Type": "application/octet-stream"},
+    )
+    assert status == 413
+    assert_error(answer, "request_too_large")
+    row = await gateway.row(headers["x-gateway-request-id"])
+    assert (row["status"], row["outcome"]) == (413, "rejected")
+    assert row["request_bytes"] > 1000
