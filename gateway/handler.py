@@ -146,7 +146,9 @@ class ProxyHandler:
     async def _serve(self, call: CallContext) -> web.StreamResponse:
         request = call.request
         if _UNSAFE_PATH.search(request.raw_path.split("?", 1)[0]):
-            raise GatewayError(NOT_FOUND, f"Unknown request URL: {request.method} path.")
+            raise GatewayError(
+                NOT_FOUND, f"Unknown request URL: {request.method} {request.path}."
+            )
         caller = self.authenticator.authenticate(
             request.headers.get("Authorization"), today_in(self.config.limits_timezone)
         )
@@ -417,21 +419,27 @@ class ProxyHandler:
         return response
 
     def _record(self, call: CallContext) -> None:
+        """Price, settle and append the call's row; the row is appended whatever fails."""
         record = call.record
         record.finished_at = time.time()
         record.latency_ms = (time.perf_counter() - call.started) * 1000
-        if record.pricing_hash is None:
-            self._price(call)
-        if call.admission is not None:
-            self.limiter.settle(
-                call.admission,
-                Draw(
-                    tokens=record.input_tokens + record.output_tokens,
-                    bytes=record.request_bytes + record.response_bytes,
-                    spend=record.cost_nanousd,
-                ),
-            )
-        self.ledger.append(record)
+        try:
+            if record.pricing_hash is None:
+                self._price(call)
+            if call.admission is not None:
+                self.limiter.settle(
+                    call.admission,
+                    Draw(
+                        tokens=record.input_tokens + record.output_tokens,
+                        bytes=record.request_bytes + record.response_bytes,
+                        spend=record.cost_nanousd,
+                    ),
+                )
+        except Exception:
+            log.exception("could not price or settle %s", record.request_id)
+            record.error_code = record.error_code or GATEWAY_FAULT.code
+        finally:
+            self.ledger.append(record)
         self.stats.observe(record)
         if self.config.log_calls and self.call_log.enabled:
             self.call_log.add(record)
