@@ -360,6 +360,7 @@ class ProxyHandler:
             call.record.queued_ms = (time.perf_counter() - call.started) * 1000
             raise
         call.record.queued_ms = call.admission.queued_ms
+        call.record.shadow_rejected_by = call.admission.shadow_rejected_by
 
     def _add_gateway_headers(self, call: CallContext, response: web.StreamResponse) -> None:
         response.headers[REQUEST_ID_HEADER] = call.record.request_id

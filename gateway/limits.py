@@ -194,6 +194,7 @@ class Admission:
     reserved: Draw
     queued_ms: float = 0.0
     settled: bool = False
+    shadow_rejected_by: str | None = None  # shadow mode: the limit that would have refused
 
 
 class Limiter:
@@ -337,6 +338,8 @@ class Limiter:
 
     async def admit(self, team: TeamConfig, meters: tuple[Meter, ...], draw: Draw) -> Admission:
         """Admit now, wait in the team's FIFO queue, or raise the SPEC's 429."""
+        if not team.enforce:
+            return self._admit_in_shadow(team, meters, draw)
         started = self.clock()
         queue = self.queues.setdefault(team.name, deque())
         if not queue:
@@ -359,6 +362,16 @@ class Limiter:
             queue.remove(place)
             self._notify(team.name)
         return Admission(team.name, meters, draw, queued_ms=(self.clock() - started) * 1000)
+
+    def _admit_in_shadow(
+        self, team: TeamConfig, meters: tuple[Meter, ...], draw: Draw
+    ) -> Admission:
+        """`enforce: false`: let every call through, but account exactly as a rejecting team
+        would: a call that would have been refused takes nothing and is marked instead."""
+        refusal = self.try_admit(meters, draw)
+        if refusal is None:
+            return Admission(team.name, meters, draw)
+        return Admission(team.name, (), draw, shadow_rejected_by=refusal.window)
 
     async def _wait_turn(
         self,

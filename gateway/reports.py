@@ -23,6 +23,7 @@ GROUPINGS = {
     "day": "local_day(started_at)",
     "status": "status",
     "outcome": "outcome",
+    "shadow": "shadow_rejected_by",
 }
 _SUMS = [
     ("calls", "COUNT(*)"),
@@ -32,6 +33,7 @@ _SUMS = [
     ("output_tokens", "SUM(output_tokens)"),
     ("reasoning_tokens", "SUM(reasoning_tokens)"),
     ("estimated_calls", "SUM(tokens_estimated)"),
+    ("shadow_refused", "SUM(shadow_rejected_by IS NOT NULL)"),
     ("request_bytes", "SUM(request_bytes)"),
     ("response_bytes", "SUM(response_bytes)"),
     ("cost_nanousd", "SUM(cost_nanousd)"),
@@ -132,6 +134,7 @@ _TABLE_COLUMNS = {
     "request_bytes": "req bytes",
     "response_bytes": "resp bytes",
     "cost_usd": "cost USD",
+    "shadow_refused": "shadow-refused",
 }
 
 

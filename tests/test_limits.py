@@ -223,3 +223,55 @@ async def test_restart_keeps_the_days_request_count(make_gateway, tmp_path):
 )
 def test_reset_durations_use_openais_format(seconds, text):
     assert format_duration(seconds) == text
+
+
+BIG = {"extra_headers": {"x-fake-reply-words": "40"}}
+
+
+@pytest.mark.parametrize(
+    ("limits", "sequence", "expected"),
+    [
+        (
+            "{requests_per_minute: 3, tokens_per_day: 100}",
+            [BIG, {}, {}, {}, {}],
+            [None, None, None, "requests_per_minute", "requests_per_minute"],
+        ),
+        (
+            "{requests_per_minute: 30, tokens_per_day: 60}",
+            [BIG, {}, {}],
+            [None, "tokens_per_day", "tokens_per_day"],
+        ),
+    ],
+)
+async def test_shadow_mode_refuses_nothing_and_marks_exactly_what_reject_mode_refuses(
+    make_gateway, limits, sequence, expected
+):
+    rejecting = await make_gateway(teams=team(limits))
+    shadow = await make_gateway(teams=team(limits).replace("on_limit: reject", "enforce: false"))
+    refused = [
+        isinstance(await call(rejecting.client(), **extra), openai.APIStatusError)
+        for extra in sequence
+    ]
+    shadowed = [await call(shadow.client(), **extra) for extra in sequence]
+    assert statuses(shadowed) == [200] * len(sequence)
+    rows = await shadow.rows()
+    assert [row["shadow_rejected_by"] for row in rows] == expected
+    assert [mark is not None for mark in expected] == refused
+    assert all(row["outcome"] == "ok" for row in rows)
+    reject_rows = await rejecting.rows()
+    assert [row["outcome"] == "rejected" for row in reject_rows] == refused
+
+
+async def test_report_shows_what_each_limit_would_have_done(make_gateway):
+    from gateway.reports import ReportQuery, usage_rows
+
+    limits = "{requests_per_minute: 2}"
+    shadow = await make_gateway(teams=team(limits).replace("on_limit: reject", "enforce: false"))
+    for _ in range(5):
+        await call(shadow.client())
+    await shadow.rows()
+    rows = usage_rows(shadow.ledger_path, ReportQuery(by=["team", "shadow"]))
+    assert [(r["shadow"], r["calls"], r["shadow_refused"]) for r in rows] == [
+        (None, 2, 0),
+        ("requests_per_minute", 3, 3),
+    ]

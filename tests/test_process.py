@@ -119,6 +119,7 @@ def test_report_prints_the_ledger_by_team_key_and_model(stack: Stack):
             "output_tokens": 36,
             "reasoning_tokens": 0,
             "estimated_calls": 0,
+            "shadow_refused": 0,
             "request_bytes": rows[0]["request_bytes"],
             "response_bytes": rows[0]["response_bytes"],
             "cost_nanousd": 3 * (5 * 150 + 12 * 600),
