@@ -137,6 +137,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reprice(args: argparse.Namespace) -> int:
+    from gateway.pricing import PricingError, load_price_table
+    from gateway.reports import parse_when
+    from gateway.reprice import reprice
+
+    config = _load(args.config)
+    try:
+        prices = load_price_table(args.pricing)
+        since = parse_when(args.since, config.limits_timezone)
+    except (PricingError, OSError, ValueError) as exc:
+        print(f"reprice: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    result = reprice(
+        config.storage.sqlite_path, config, prices, since, apply=not args.dry_run
+    )
+    print("\n".join(result.lines(applied=not args.dry_run)))
+    return EXIT_OK
+
+
 def cmd_fake_upstream(args: argparse.Namespace) -> int:
     from gateway.fake_upstream import run_fake_upstream
 
@@ -187,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     invoice.add_argument("--month", required=True, help="YYYY-MM")
     invoice.add_argument("--format", choices=("table", "json", "csv"), default="table")
     invoice.set_defaults(run=cmd_invoice)
+
+    reprice = commands.add_parser("reprice", help="recompute ledger costs under new prices")
+    _config_option(reprice)
+    reprice.add_argument("--since", required=True, help="YYYY-MM-DD, ISO time, or 7d ago")
+    reprice.add_argument("--pricing", required=True, help="the new price table (YAML)")
+    reprice.add_argument("--dry-run", action="store_true", help="report only, write nothing")
+    reprice.set_defaults(run=cmd_reprice)
 
     demo = commands.add_parser("demo", help="offline demo: fake upstream, gateway, report")
     demo.set_defaults(run=cmd_demo)

@@ -90,6 +90,7 @@ class TeamConfig:
     billing: Billing = field(default_factory=Billing)
     keys: tuple[KeyConfig, ...] = ()
     pricing: PriceTable | None = None
+    pricing_overrides: Mapping[str, Any] | None = None  # as written, to apply over a new table
     enforce: bool = True
     on_budget_exhausted_mid_stream: str = "finish"
 
@@ -483,10 +484,11 @@ def _team(
     where = f"teams.{name}"
     entries = _mapping(node, where, problems, _TEAM_KEYS)
     models = _field(entries, "models", _string_list, where, problems)
-    prices = None
+    prices = overrides = None
     if "pricing" in entries and global_prices is not None:
         try:
-            prices = global_prices.with_overrides(_plain(entries["pricing"]))
+            overrides = _plain(entries["pricing"])
+            prices = global_prices.with_overrides(overrides)
         except (PricingError, ValueError, TypeError, AttributeError) as exc:
             problems.add(entries["pricing"], f"{where}.pricing: {exc}")
     return TeamConfig(
@@ -500,6 +502,7 @@ def _team(
         billing=_billing(entries.get("billing"), f"{where}.billing", problems),
         keys=_keys(entries.get("keys"), name, problems),
         pricing=prices,
+        pricing_overrides=overrides,
         enforce=_field(entries, "enforce", _boolean, where, problems) is not False,
         on_budget_exhausted_mid_stream=_field(
             entries, "on_budget_exhausted_mid_stream", _choice("finish", "cut"), where, problems

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gateway.config import load_config
 from gateway.ledger import CallRecord, Ledger
+from gateway.pricing import format_usd
 from gateway.reports import build_invoice, render_invoice
 from tests.conftest import RESEARCH_KEY, Gateway, sha
 
@@ -215,3 +216,45 @@ async def test_report_by_day_uses_the_limits_timezone_and_since_until(tmp_path: 
     assert [(r["calls"], r["cost_usd"]) for r in usage_rows(path, window)] == [(2, "0.000000012")]
     now = datetime(2026, 11, 5, tzinfo=UTC)
     assert parse_when("7d", utc, now) == now.timestamp() - 7 * DAY
+
+
+def test_reprice_recomputes_costs_exactly_and_dry_run_writes_nothing(tmp_path: Path):
+    import sqlite3
+
+    from gateway.pricing import load_price_table
+
+    config_path = write_config(tmp_path)
+    config = load_config(config_path)
+    records = rows("flat", 2, 1, input_tokens=1000, output_tokens=100, cost_nanousd=210_000)
+    records += rows("usage", 1, 1, input_tokens=1000, request_bytes=500_000, response_bytes=500_000)
+    records += rows("flat", 1, 1, status=429)
+    asyncio.run(write_ledger(config.storage.sqlite_path, records))
+    new_prices = tmp_path / "new.yaml"
+    new_prices.write_text("models:\n  gpt-4o-mini: {input: 0.30, output: 1.20}\n")
+
+    def run(*extra: str) -> list[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "reprice", "--config", str(config_path),
+             "--since", "2026-11-01", "--pricing", str(new_prices), *extra],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout.splitlines()  # fmt: skip
+
+    def costs() -> dict[str, int]:
+        with sqlite3.connect(config.storage.sqlite_path) as db:
+            return dict(db.execute("SELECT request_id, cost_nanousd FROM requests"))
+
+    before = costs()
+    flat_cost = 1000 * 300 + 100 * 1200  # 420,000 nano-USD
+    usage_cost = 1000 * 300 + 1_000_000 * 10 + 100_000_000  # the team's transfer and fee stay
+    preview = run("--dry-run")
+    assert preview[0] == "4 rows examined, 3 with a new cost (dry run: nothing written)"
+    assert preview[1] == f"total: 0.00042 -> {format_usd(2 * flat_cost + usage_cost)} USD"
+    assert costs() == before
+    run()
+    after = costs()
+    assert after["flat-200-0-0"] == after["flat-200-0-1"] == flat_cost
+    assert after["usage-200-0-0"] == usage_cost
+    assert after["flat-429-0-0"] == 0
+    with sqlite3.connect(config.storage.sqlite_path) as db:
+        hashes = {h for (h,) in db.execute("SELECT pricing_hash FROM requests WHERE team='flat'")}
+    assert hashes == {load_price_table(new_prices).content_hash}
