@@ -156,6 +156,29 @@ def cmd_reprice(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    import os
+    import urllib.error
+
+    from gateway.reconcile import ADMIN_KEY_ENV, reconcile
+
+    config = _load(args.config)
+    admin_key = os.environ.get(ADMIN_KEY_ENV)
+    if not admin_key:
+        print(f"reconcile: set {ADMIN_KEY_ENV} to an OpenAI admin key", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        lines = reconcile(config, args.month, admin_key)
+    except ValueError:
+        print(f"--month: '{args.month}' is not YYYY-MM", file=sys.stderr)
+        return EXIT_USAGE
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"reconcile: the upstream's usage APIs could not be read: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print("\n".join(lines))
+    return EXIT_OK
+
+
 def cmd_fake_upstream(args: argparse.Namespace) -> int:
     from gateway.fake_upstream import run_fake_upstream
 
@@ -213,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     reprice.add_argument("--pricing", required=True, help="the new price table (YAML)")
     reprice.add_argument("--dry-run", action="store_true", help="report only, write nothing")
     reprice.set_defaults(run=cmd_reprice)
+
+    reconcile = commands.add_parser("reconcile", help="the gateway's figures beside OpenAI's")
+    _config_option(reconcile)
+    reconcile.add_argument("--month", required=True, help="YYYY-MM (UTC days)")
+    reconcile.set_defaults(run=cmd_reconcile)
 
     demo = commands.add_parser("demo", help="offline demo: fake upstream, gateway, report")
     demo.set_defaults(run=cmd_demo)

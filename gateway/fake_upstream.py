@@ -26,6 +26,9 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Handler
 
+from gateway.fake_usage import UsageTotals, new_totals, record_usage, usage_handlers
+from gateway.pricing import PriceTable
+
 __all__ = [
     "FAKE_STATE",
     "FAULT_NAMES",
@@ -111,6 +114,8 @@ class FakeState:
     files: dict[str, bytes] = field(default_factory=dict)
     # Same ids and timestamps for every call, so two calls' bodies can be compared byte for byte.
     deterministic: bool = False
+    usage: UsageTotals = field(default_factory=new_totals)  # what the Usage API reports
+    prices: PriceTable | None = None  # what the Costs API charges
 
     def record(self, item: Received) -> None:
         self.received.append(item)
@@ -283,6 +288,11 @@ def _tokens(request: web.Request, prompt: int, reply: int) -> _Tokens:
     cached = min(_header_int(request, "x-fake-cached-tokens") or 0, prompt)
     reasoning = _header_int(request, "x-fake-reasoning-tokens") or 0
     return _Tokens(prompt, reply, cached, reasoning)
+
+
+def _handled(request: web.Request, body: dict[str, Any], tokens: _Tokens) -> None:
+    state = request.app[FAKE_STATE]
+    record_usage(state.usage, body.get("model"), tokens.prompt, tokens.cached, tokens.completion)
 
 
 def _chunk_words(request: web.Request) -> int:
@@ -580,7 +590,9 @@ async def _preflight(request: web.Request, ctx: _Ctx, runtime: _Runtime) -> bool
     if "close_before_response" in ctx.faults:
         _abort(request)
         return False
-    _check_auth(request, runtime.api_key)
+    # The organization (admin) endpoints take the admin key, checked by their handlers.
+    if not request.path.startswith("/v1/organization/"):
+        _check_auth(request, runtime.api_key)
     _raise_status_fault(ctx)
     return True
 
@@ -639,6 +651,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     prompt = _chat_prompt_tokens(body.get("messages"))
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     tokens = _tokens(request, prompt, _reply_length(request, limit))
+    _handled(request, body, tokens)
     head = {
         "id": f"chatcmpl-fake{ctx.n}",
         "object": "chat.completion",
@@ -683,6 +696,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     body = await _read_json(request)
     prompt = sum(_item_tokens(item) for item in _token_items(body.get("prompt"), "prompt"))
     tokens = _tokens(request, prompt, _reply_length(request, body.get("max_tokens")))
+    _handled(request, body, tokens)
     head = {
         "id": f"cmpl-fake{ctx.n}",
         "object": "text_completion",
@@ -783,6 +797,7 @@ async def _responses(request: web.Request) -> web.StreamResponse:
     body = await _read_json(request)
     reply = _reply_length(request, body.get("max_output_tokens"))
     tokens = _tokens(request, _responses_input_tokens(body.get("input")), reply)
+    _handled(request, body, tokens)
     info = _ResponseInfo(ctx.n, _now(request), body, tokens, ctx.with_usage)
     if body.get("stream") is not True:
         return _json_response(request, _response_object(info, True))
@@ -968,11 +983,23 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/v1/audio/transcriptions", _transcribe)
     router.add_post("/v1/audio/speech", _speech)
     router.add_get("/v1/fake/download", _download)
+    router.add_get("/v1/organization/usage/completions", _org_usage)
+    router.add_get("/v1/organization/costs", _org_costs)
     router.add_route("*", "/v1/{tail:.*}", _unknown)
     router.add_post("/_fake/faults", _set_faults)
     router.add_delete("/_fake/faults", _clear_faults)
     router.add_get("/_fake/received", _list_received)
     router.add_delete("/_fake/received", _clear_received)
+
+
+async def _org_usage(request: web.Request) -> web.StreamResponse:
+    state = request.app[FAKE_STATE]
+    return await usage_handlers(state.usage, state.prices)[0](request)
+
+
+async def _org_costs(request: web.Request) -> web.StreamResponse:
+    state = request.app[FAKE_STATE]
+    return await usage_handlers(state.usage, state.prices)[1](request)
 
 
 def build_fake_app(state: FakeState | None = None) -> web.Application:
@@ -998,9 +1025,7 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 def run_fake_upstream(host: str = "127.0.0.1", port: int = 9797) -> None:
     """Serve the fake upstream until interrupted."""
     loop = _new_event_loop()
-    web.run_app(
-        build_fake_app(), host=host, port=port, access_log=None, loop=loop, backlog=1024
-    )
+    web.run_app(build_fake_app(), host=host, port=port, access_log=None, loop=loop, backlog=1024)
 
 
 def main(argv: list[str] | None = None) -> None:

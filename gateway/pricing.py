@@ -28,6 +28,11 @@ _MODEL_FIELDS = frozenset({"input", "cached_input", "output", "per_request", "tr
 _SNAPSHOT_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
 
 
+def base_model_name(model: str) -> str:
+    """A dated snapshot's base name (`gpt-4o-mini-2024-07-18` → `gpt-4o-mini`)."""
+    return _SNAPSHOT_SUFFIX.sub("", model)
+
+
 class PricingError(ValueError):
     """A price table that cannot be used, saying what is wrong and where."""
 
