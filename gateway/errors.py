@@ -41,6 +41,9 @@ QUEUE_TIMEOUT = ErrorKind(429, "requests", "rate_limit_exceeded", Outcome.QUEUE_
 REQUEST_TOO_LARGE = ErrorKind(413, "invalid_request_error", "request_too_large", Outcome.REJECTED)
 INVALID_JSON = ErrorKind(400, "invalid_request_error", "invalid_json", Outcome.REJECTED)
 INVALID_REQUEST = ErrorKind(400, "invalid_request_error", "invalid_request", Outcome.REJECTED)
+UNSUPPORTED_CONTENT_TYPE = ErrorKind(
+    400, "invalid_request_error", "unsupported_content_type", Outcome.REJECTED
+)
 UPSTREAM_UNAVAILABLE = ErrorKind(
     502, "upstream_error", "upstream_unavailable", Outcome.UPSTREAM_ERROR
 )

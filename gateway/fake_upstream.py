@@ -13,6 +13,7 @@ import base64
 import gzip
 import hashlib
 import itertools
+import math
 import os
 import struct
 import time
@@ -50,6 +51,8 @@ FAULT_NAMES = (
     "no_usage",
     "close_before_response",
     "gzip",
+    "org_requests",
+    "org_window_s",
 )
 MAX_RECEIVED = 10_000
 MAX_KEPT_BODY = 1 << 20
@@ -116,6 +119,7 @@ class FakeState:
     deterministic: bool = False
     usage: UsageTotals = field(default_factory=new_totals)  # what the Usage API reports
     prices: PriceTable | None = None  # what the Costs API charges
+    org_rejections: int = 0  # 429s sent by the `org_requests` fault
 
     def record(self, item: Received) -> None:
         self.received.append(item)
@@ -152,6 +156,8 @@ class _Runtime:
     state: FakeState
     api_key: str | None
     counter: Iterator[int]
+    org_window_start: float = 0.0
+    org_used: int = 0
 
 
 @dataclass(slots=True)
@@ -593,8 +599,42 @@ async def _preflight(request: web.Request, ctx: _Ctx, runtime: _Runtime) -> bool
     # The organization (admin) endpoints take the admin key, checked by their handlers.
     if not request.path.startswith("/v1/organization/"):
         _check_auth(request, runtime.api_key)
+        _org_rate_limit(request, ctx, runtime)
     _raise_status_fault(ctx)
     return True
+
+
+_ORG_HEADERS = web.RequestKey("org_headers", dict)
+
+
+def _org_rate_limit(request: web.Request, ctx: _Ctx, runtime: _Runtime) -> None:
+    """Fault `org_requests=N; org_window_s=S`: the whole key may make N calls per fixed window
+    of S seconds, as an organization-wide limit; beyond it, OpenAI's 429."""
+    limit = ctx.fault_int("org_requests")
+    if limit is None:
+        return
+    window = float(ctx.faults.get("org_window_s", "60"))
+    now = time.monotonic()
+    if now >= runtime.org_window_start + window:
+        runtime.org_window_start, runtime.org_used = now, 0
+    reset = runtime.org_window_start + window - now
+    reset_text = f"{max(1, round(reset * 1000))}ms"
+    if runtime.org_used >= limit:
+        runtime.state.org_rejections += 1
+        headers = {
+            "retry-after": str(max(1, math.ceil(reset))),
+            "x-ratelimit-limit-requests": str(limit),
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": reset_text,
+        }
+        message = "Rate limit reached for requests (organization). Please try again later."
+        raise _ApiError(429, message, kind="requests", code="rate_limit_exceeded", headers=headers)
+    runtime.org_used += 1
+    request[_ORG_HEADERS] = {
+        "x-ratelimit-limit-requests": str(limit),
+        "x-ratelimit-remaining-requests": str(limit - runtime.org_used),
+        "x-ratelimit-reset-requests": reset_text,
+    }
 
 
 @web.middleware
@@ -620,6 +660,8 @@ async def _add_common_headers(request: web.Request, response: web.StreamResponse
     n = ctx.n if ctx is not None else next(request.app[_RUNTIME].counter)
     headers = response.headers
     headers["x-request-id"] = f"req_fake_{n}"
+    for name, value in request.get(_ORG_HEADERS, {}).items():
+        headers[name] = value
     for name, value in _COMMON_HEADERS:
         if name not in headers:
             headers[name] = value

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import re
 import secrets
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import metering, tokens
 from gateway.auth import Authenticator, Caller, authorize, ensure_not_expired
@@ -27,7 +29,9 @@ from gateway.errors import (
     GATEWAY_FAULT,
     INVALID_JSON,
     NOT_FOUND,
+    QUEUE_TIMEOUT,
     REQUEST_TOO_LARGE,
+    UNSUPPORTED_CONTENT_TYPE,
     UPSTREAM_UNAVAILABLE,
     ErrorKind,
     GatewayError,
@@ -39,6 +43,7 @@ from gateway.ledger import CallRecord, Ledger
 from gateway.limits import Admission, Draw, Limiter, rate_headers
 from gateway.logs import CallLog
 from gateway.metering import BodyRecorder, RequestFacts, Usage, UsageChunkStripper
+from gateway.pacing import UpstreamPacer, parse_reset
 from gateway.pricing import format_usd
 from gateway.proxy import (
     SMALL_BODY,
@@ -58,8 +63,22 @@ REQUEST_ID_HEADER = "x-gateway-request-id"
 KEY_EXPIRES_HEADER = "x-gateway-key-expires-in"
 COST_HEADER = "x-gateway-cost-usd"
 BYTES_PER_TOKEN = 4
-# `/v1/../x`, `/v1/a/./b`, and their percent-encoded forms, or encoded slashes.
-_UNSAFE_PATH = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|%2f|%5c|\\", re.IGNORECASE)
+# `/v1/../x`, `/v1/a/./b`, their percent-encoded forms, encoded slashes, backslashes and
+# NULs, and any of these encoded twice (`%252e`), for an upstream that would decode twice.
+_UNSAFE_PATH = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|%(25)*(2f|5c|00)|%(25)+2e|\\", re.IGNORECASE)
+# Endpoints that take only JSON: a body labelled otherwise could hide its model from the
+# allow-list and its tokens from the limits, so it is refused as OpenAI itself refuses it.
+_JSON_ONLY_PATHS = frozenset(
+    {
+        "/chat/completions",
+        "/completions",
+        "/embeddings",
+        "/responses",
+        "/moderations",
+        "/images/generations",
+        "/audio/speech",
+    }
+)
 
 
 _ID_PREFIX = "req_" + secrets.token_hex(8)
@@ -96,6 +115,7 @@ class ProxyHandler:
         self.upstream = upstream
         self.ledger = ledger
         self.limiter = limiter
+        self.pacer = UpstreamPacer()
         self.authenticator = Authenticator(config)
         self._max_body = config.listen.max_request_body
         self.in_flight = 0
@@ -145,7 +165,10 @@ class ProxyHandler:
 
     async def _serve(self, call: CallContext) -> web.StreamResponse:
         request = call.request
-        if _UNSAFE_PATH.search(request.raw_path.split("?", 1)[0]):
+        raw_path = request.raw_path.split("?", 1)[0]
+        # An absolute-form target (`GET http://h/v1/x`) or an encoded `/v1` would be forwarded
+        # as another path than the one authorized.
+        if not raw_path.startswith("/v1/") or _UNSAFE_PATH.search(raw_path):
             raise GatewayError(
                 NOT_FOUND, f"Unknown request URL: {request.method} {request.path}."
             )
@@ -165,6 +188,12 @@ class ProxyHandler:
         api_path = request.path[3:]
         if _is_json(request):
             return await self._forward_json(call, api_path)
+        if request.body_exists and api_path in _JSON_ONLY_PATHS:
+            raise GatewayError(
+                UNSUPPORTED_CONTENT_TYPE,
+                f"Unsupported content type: '{request.content_type}'. {request.path} only "
+                "accepts 'application/json' requests.",
+            )
         return await self._forward_streamed(call, api_path)
 
     async def _forward_json(self, call: CallContext, api_path: str) -> web.StreamResponse:
@@ -228,16 +257,59 @@ class ProxyHandler:
         assert facts is not None
         await self._admit(call, body_length or request.content_length or 0)
         headers = self.upstream.upstream_headers(request.headers, body_length, facts.metered)
-        upstream = await self.upstream.send(
-            request.method,
-            request.raw_path[3:],
-            headers,
-            body,  # type: ignore[arg-type]
-        )
+        upstream = await self._send_paced(call, headers, body)
+        if upstream.status == 429 and self._may_retry(call, body):
+            # A queueing team waits out the upstream's 429 once instead of passing it on.
+            wait = _retry_after_s(upstream.headers)
+            await upstream.read()
+            upstream.release()
+            await asyncio.sleep(wait)
+            upstream = await self._send_paced(call, headers, body)
         try:
             return await self._relay(call, upstream)
         finally:
             upstream.release()
+
+    async def _send_paced(
+        self, call: CallContext, headers: CIMultiDict[str], body: object
+    ) -> UpstreamResponse:
+        """Send once the shared upstream key has budget left (queueing teams wait for it)."""
+        assert call.caller is not None
+        team = call.caller.team
+        deadline = call.started + team.queue.max_wait_s
+        while (wait := self.pacer.wait_needed()) > 0:
+            if team.on_limit != "queue":
+                self.pacer.take_anyway()
+                break
+            if time.perf_counter() + wait > deadline:
+                raise GatewayError(
+                    QUEUE_TIMEOUT,
+                    "The upstream's own rate limit would not reset within the queue's "
+                    f"{team.queue.max_wait_s:g}s.",
+                    retry_after_s=max(1, math.ceil(wait)),
+                )
+            await asyncio.sleep(wait)
+            call.record.queued_ms = (time.perf_counter() - call.started) * 1000
+        answered: UpstreamResponse | None = None
+        try:
+            answered = await self.upstream.send(
+                call.request.method,
+                call.request.raw_path[3:],
+                headers,
+                body,  # type: ignore[arg-type]
+            )
+            return answered
+        finally:
+            self.pacer.answered(answered.headers if answered is not None else None)
+
+    def _may_retry(self, call: CallContext, body: object) -> bool:
+        assert call.caller is not None
+        team = call.caller.team
+        return (
+            team.on_limit == "queue"
+            and (body is None or isinstance(body, bytes))
+            and time.perf_counter() + 1 < call.started + team.queue.max_wait_s
+        )
 
     async def _relay(
         self, call: CallContext, upstream: UpstreamResponse
@@ -295,6 +367,7 @@ class ProxyHandler:
         try:
             body = await upstream.read()
         except (UpstreamError, TimeoutError, OSError) as exc:
+            await self._meter(call)  # the upstream took the prompt: its tokens are estimated
             raise GatewayError(
                 UPSTREAM_UNAVAILABLE, "The upstream API broke off its answer."
             ) from exc
@@ -398,6 +471,9 @@ class ProxyHandler:
         return response
 
     async def _client_left(self, call: CallContext) -> None:
+        # A body cut short was never counted: record what did arrive.
+        received = call.request.content.total_bytes
+        call.record.request_bytes = max(call.record.request_bytes, received)
         if call.relayed is not None:
             call.relayed.client_gone = True
             await self._settle(call)
@@ -469,6 +545,15 @@ class ProxyHandler:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _retry_after_s(headers: CIMultiDictProxy[str]) -> float:
+    value = headers.get("retry-after", "")
+    try:
+        return min(max(float(value), 0.0), 60.0)
+    except ValueError:
+        reset = parse_reset(headers.get("x-ratelimit-reset-requests", ""))
+        return min(reset, 60.0) if reset is not None else 1.0
 
 
 def _is_json(request: web.Request) -> bool:

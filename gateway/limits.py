@@ -450,12 +450,16 @@ def format_duration(seconds: float) -> str:
 
 
 def rate_headers(headers: MutableMapping[str, str], meters: tuple[Meter, ...], now: float) -> None:
-    """OpenAI's `x-ratelimit-*` headers from the tightest per-minute bucket of each kind."""
+    """OpenAI's `x-ratelimit-*` headers from the tightest per-minute bucket of each kind, or
+    the upstream's own where it has less left."""
     for kind in (REQUESTS, TOKENS):
         buckets = [bucket for meter in meters for bucket in meter.rates if bucket.kind == kind]
         if not buckets:
             continue
         tightest = min(buckets, key=lambda bucket: bucket.remaining(now))
+        upstream_left = headers.get(f"x-ratelimit-remaining-{kind}", "")
+        if upstream_left.isdigit() and int(upstream_left) < tightest.remaining(now):
+            continue  # the shared upstream key is the tighter limit: its headers stay
         headers[f"x-ratelimit-limit-{kind}"] = str(tightest.limit)
         headers[f"x-ratelimit-remaining-{kind}"] = str(tightest.remaining(now))
         headers[f"x-ratelimit-reset-{kind}"] = format_duration(tightest.reset_in(now))

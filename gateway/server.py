@@ -20,6 +20,23 @@ from gateway.proxy import UpstreamClient
 log = logging.getLogger("gateway.server")
 WATCH_INTERVAL_S = 2.0
 UNREADY_WINDOW_S = 1.0
+# aiohttp closes a connection that has not sent a whole request head this long after it
+# opened or after its last answer (its own default is an hour): this bounds slowloris
+# clients as well as idle keep-alive connections.
+KEEPALIVE_TIMEOUT_S = 75.0
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+        # The handler counts on being cancelled when its client leaves: a queued call then
+        # leaves the queue, and a cut upload is recorded as client_disconnect.
+        handler_cancellation=True,
+    )
 
 
 class GatewayProcess:
@@ -32,9 +49,7 @@ class GatewayProcess:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
-        runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
-        )
+        runner = make_runner(self.app)
         await runner.setup()
         # Long-lived start-up objects leave the collector's view: full collections then
         # stay short instead of stalling calls for 10-15 ms.

@@ -51,6 +51,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.failed: BaseException | None = None
         self.received_any = False
+        self.framed = True
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._head_only = False
@@ -68,6 +69,16 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if (
+            not self.complete
+            and exc is None
+            and self.failed is None
+            and self.headers_done.done()
+            and not self.framed
+        ):
+            # A body with neither a length nor chunks ends where the connection does
+            # (RFC 9112 6.3); only a clean close ends it, a reset is still a break.
+            self.on_message_complete()
         if not self.complete:
             self._fail(
                 (UpstreamBroken if self.headers_done.done() else UpstreamError)(
@@ -86,6 +97,10 @@ class _Connection(asyncio.Protocol):
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.framed = any(
+            name.lower() in (b"content-length", b"transfer-encoding")
+            for name, _ in self.raw_headers
+        )
         if not self.headers_done.done():
             self.headers_done.set_result(None)
         if self._head_only:
@@ -332,4 +347,6 @@ def request_head(
     if chunked:
         lines.append("Transfer-Encoding: chunked")
     lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1"), chunked
+    # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: this gives
+    # back exactly those bytes (latin-1 could not encode them, and failed the call).
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape"), chunked
