@@ -24,6 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import metering, tokens
 from gateway.auth import Authenticator, Caller, authorize, ensure_not_expired
+from gateway.budget import StreamBudget, output_budget
 from gateway.config import GatewayConfig
 from gateway.errors import (
     GATEWAY_FAULT,
@@ -40,7 +41,7 @@ from gateway.errors import (
 )
 from gateway.keys import today_in
 from gateway.ledger import CallRecord, Ledger
-from gateway.limits import Admission, Draw, Limiter, rate_headers
+from gateway.limits import SPEND, TOKENS, Admission, Draw, Limiter, rate_headers
 from gateway.logs import CallLog
 from gateway.metering import BodyRecorder, RequestFacts, Usage, UsageChunkStripper
 from gateway.pacing import UpstreamPacer, parse_reset
@@ -105,6 +106,7 @@ class CallContext:
     recorder: BodyRecorder | None = None
     is_sse: bool = False
     metered: bool = False
+    prompt_tokens: int = 0
 
 
 class ProxyHandler:
@@ -342,6 +344,11 @@ class ProxyHandler:
             and upstream.content_length <= SMALL_BODY
         ):
             return await self._relay_priced(call, upstream, response)
+        transform = stripper.feed if stripper else None
+        flush = stripper.finish if stripper else None
+        budget = self._stream_budget(call) if call.is_sse and upstream.ok else None
+        if budget is not None:
+            transform, flush = _through_budget(budget, stripper)
         await response.prepare(call.request)
         await relay(
             upstream,
@@ -349,14 +356,51 @@ class ProxyHandler:
             call.request,
             call.started,
             call.relayed,
-            stripper.feed if stripper else None,
-            stripper.finish if stripper else None,
+            transform,
+            flush,
             call.recorder.feed if call.recorder else None,
         )
         if not (call.relayed.client_gone or call.relayed.upstream_broke):
             await _finish_body(response)
+        if budget is not None and budget.cut:
+            self._bill_cut_stream(call, budget)
         await self._settle(call)
         return response
+
+    def _stream_budget(self, call: CallContext) -> StreamBudget | None:
+        """For `cut` teams, the output this stream may still produce under their quotas."""
+        facts, admission = call.facts, call.admission
+        assert call.caller is not None and facts is not None
+        if (
+            call.caller.team.on_budget_exhausted_mid_stream != "cut"
+            or admission is None
+            or facts.json_body is None
+            or not any(q.kind in (TOKENS, SPEND) for m in admission.meters for q in m.quotas)
+        ):
+            return None
+        call.prompt_tokens = tokens.estimate_prompt_tokens("/v1" + facts.api_path, facts.json_body)
+        allowed = output_budget(
+            admission,
+            self.limiter.calendar,
+            self.limiter.wall_clock(),
+            self.config.team_prices(call.caller.team.name),
+            facts.model,
+            call.prompt_tokens,
+        )
+        return StreamBudget(facts.model, allowed) if allowed is not None else None
+
+    def _bill_cut_stream(self, call: CallContext, budget: StreamBudget) -> None:
+        """Bill exactly what the client received: the upstream's usage never reached us."""
+        call.metered = True
+        _apply_usage(
+            call.record,
+            Usage(
+                input_tokens=call.prompt_tokens,
+                output_tokens=budget.delivered_tokens(),
+                estimated=True,
+            ),
+        )
+        call.record.error_code = "insufficient_quota_mid_stream"
 
     async def _relay_priced(
         self, call: CallContext, upstream: UpstreamResponse, response: web.StreamResponse
@@ -545,6 +589,18 @@ class ProxyHandler:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _through_budget(
+    budget: StreamBudget, stripper: UsageChunkStripper | None
+) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
+    """The relay's transform and flush with the budget after the usage stripper, if any."""
+    if stripper is None:
+        return budget.feed, budget.finish
+    return (
+        lambda chunk: budget.feed(stripper.feed(chunk)),
+        lambda: budget.feed(stripper.finish()) + budget.finish(),
+    )
 
 
 def _retry_after_s(headers: CIMultiDictProxy[str]) -> float:

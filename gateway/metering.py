@@ -171,7 +171,7 @@ class UsageChunkStripper:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._held + chunk if self._held else chunk
-        end = _last_event_end(data)
+        end = last_event_end(data)
         if end == -1:
             if len(data) > _MAX_HELD_EVENT:
                 self._held = b""
@@ -188,7 +188,7 @@ class UsageChunkStripper:
         return held.replace(self.NULL_USAGE, b"")
 
 
-def _last_event_end(data: bytes) -> int:
+def last_event_end(data: bytes) -> int:
     lf = data.rfind(b"\n\n")
     crlf = data.rfind(b"\r\n\r\n")
     return max(lf + 2 if lf != -1 else -1, crlf + 4 if crlf != -1 else -1)
@@ -287,7 +287,7 @@ def _text_of_sse(raw: bytes) -> str:
         except orjson.JSONDecodeError:
             continue
         if isinstance(event, dict):
-            parts.extend(_event_texts(event))
+            parts.extend(event_texts(event))
     return "".join(parts)
 
 
@@ -299,7 +299,7 @@ def _text_of_json(raw: bytes) -> str:
     return "".join(_body_texts(body)) if isinstance(body, dict) else ""
 
 
-def _event_texts(event: dict[str, Any]) -> list[str]:
+def event_texts(event: dict[str, Any]) -> list[str]:
     kind = event.get("type")
     if isinstance(kind, str):  # Responses API stream events
         delta = event.get("delta")

@@ -7,6 +7,7 @@ and reports what moved.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -186,12 +187,21 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
+class StopRelay(Exception):
+    """Raised by a transform to end the relay cleanly: `final` is sent, then the body ends."""
+
+    def __init__(self, final: bytes) -> None:
+        super().__init__("relay stopped by a transform")
+        self.final = final
+
+
 @dataclass(slots=True)
 class RelayResult:
     response_bytes: int = 0
     ttfb_s: float | None = None
     upstream_broke: bool = False
     client_gone: bool = False
+    stopped: bool = False  # a transform ended the body early
 
 
 async def relay(
@@ -222,9 +232,13 @@ async def relay(
             if observe is not None:
                 observe(chunk)
             await _send(client, transform(chunk) if transform else chunk, result, started)
+    except StopRelay as stop:
+        result.stopped = True
+        with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+            await _send(client, stop.final, result, started)
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         result.client_gone = True
-    if result.client_gone or result.upstream_broke:
+    if result.client_gone or result.upstream_broke or result.stopped:
         upstream.close()
     if result.upstream_broke and not result.client_gone and request.transport is not None:
         # Pass the break on: a clean end would tell the client a cut stream was complete.
