@@ -8,11 +8,9 @@ the text the client received.
 
 from __future__ import annotations
 
-import orjson
-
 from gateway import tokens
 from gateway.limits import SPEND, TOKENS, Admission, Calendar
-from gateway.metering import event_texts, last_event_end
+from gateway.metering import last_event_end, text_of_sse
 from gateway.pricing import PriceTable
 from gateway.proxy import StopRelay
 
@@ -69,7 +67,7 @@ class StreamBudget:
         for event in complete.split(b"\n\n"):
             if not event.strip():
                 continue
-            text = _text(event)
+            text = text_of_sse(event)
             if text:
                 self.counted += tokens.count_text(self.model, text)
                 if self.counted > self.allowed and self.delivered:
@@ -87,17 +85,3 @@ class StreamBudget:
         """Exact count of the text the client received (one pass over all of it)."""
         return tokens.count_text(self.model, "".join(self.delivered))
 
-
-def _text(event: bytes) -> str:
-    texts = []
-    for line in event.splitlines():
-        if line.startswith(b"data:"):
-            payload = line[5:].strip()
-            if payload and payload != b"[DONE]":
-                try:
-                    parsed = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(parsed, dict):
-                    texts.extend(event_texts(parsed))
-    return "".join(texts)

@@ -266,7 +266,7 @@ def estimate_usage(facts: RequestFacts, recorder: BodyRecorder | None, is_sse: b
     output_tokens = 0
     if recorder is not None and recorder.total and facts.api_path != "/embeddings":
         head = recorder.head()
-        text = _text_of_sse(head) if is_sse else _text_of_json(head)
+        text = text_of_sse(head) if is_sse else _text_of_json(head)
         output_tokens = tokens.count_text(facts.model, text)
         if not recorder.complete and len(head):
             # Only the head was kept: scale its count to the whole body.
@@ -274,7 +274,7 @@ def estimate_usage(facts: RequestFacts, recorder: BodyRecorder | None, is_sse: b
     return Usage(input_tokens=input_tokens, output_tokens=output_tokens, estimated=True)
 
 
-def _text_of_sse(raw: bytes) -> str:
+def text_of_sse(raw: bytes) -> str:
     parts: list[str] = []
     for line in raw.splitlines():
         if not line.startswith(b"data:"):
