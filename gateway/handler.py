@@ -199,7 +199,11 @@ class ProxyHandler:
         return await self._forward_streamed(call, api_path)
 
     async def _forward_json(self, call: CallContext, api_path: str) -> web.StreamResponse:
-        body = await read_small_body(call.request.content, self._max_body)
+        try:
+            body = await read_small_body(call.request.content, self._max_body)
+        except GatewayError:
+            call.record.request_bytes = call.request.content.total_bytes  # read before the 413
+            raise
         call.record.request_bytes = len(body)
         facts = RequestFacts(api_path=api_path)
         call.facts = facts
