@@ -365,6 +365,7 @@ class ProxyHandler:
             call.recorder.feed if call.recorder else None,
         )
         if not (call.relayed.client_gone or call.relayed.upstream_broke):
+            call.relayed.delivered = True
             await _finish_body(response)
         if budget is not None and budget.cut:
             self._bill_cut_stream(call, budget)
@@ -522,6 +523,10 @@ class ProxyHandler:
         # A body cut short was never counted: record what did arrive.
         received = call.request.content.total_bytes
         call.record.request_bytes = max(call.record.request_bytes, received)
+        if call.relayed is not None and call.relayed.delivered:
+            # It left after the whole answer had gone out: a complete call.
+            await self._settle(call)
+            return
         if call.relayed is not None:
             call.relayed.client_gone = True
             await self._settle(call)

@@ -202,6 +202,7 @@ class RelayResult:
     upstream_broke: bool = False
     client_gone: bool = False
     stopped: bool = False  # a transform ended the body early
+    delivered: bool = False  # every byte of the answer was handed to the client
 
 
 async def relay(
