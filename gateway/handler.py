@@ -523,7 +523,7 @@ class ProxyHandler:
         # A body cut short was never counted: record what did arrive.
         received = call.request.content.total_bytes
         call.record.request_bytes = max(call.record.request_bytes, received)
-        if call.relayed is not None and call.relayed.delivered:
+        if call.relayed is not None and (call.relayed.delivered or _stream_ended(call)):
             # It left after the whole answer had gone out: a complete call.
             await self._settle(call)
             return
@@ -610,6 +610,15 @@ def _through_budget(
         lambda chunk: budget.feed(stripper.feed(chunk)),
         lambda: budget.feed(stripper.finish()) + budget.finish(),
     )
+
+
+def _stream_ended(call: CallContext) -> bool:
+    """The stream's last event already passed (a client may hang up on `[DONE]` before the
+    upstream's own end of body arrives)."""
+    if call.recorder is None or not call.is_sse:
+        return False
+    tail = call.recorder.tail().rstrip()
+    return tail.endswith(b"data: [DONE]") or b'"type":"response.completed"' in tail[-65536:]
 
 
 def _retry_after_s(headers: CIMultiDictProxy[str]) -> float:
