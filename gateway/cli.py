@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from gateway.config import ConfigError, GatewayConfig, config_path_from, load_config
+from gateway.loop import new_event_loop
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -29,16 +30,8 @@ def _known_team(config: GatewayConfig, team: str) -> bool:
     return False
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def run_async(main: Callable[[], object]) -> None:
-    with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(main())  # type: ignore[arg-type]
 
 

@@ -28,6 +28,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Handler
 
 from gateway.fake_usage import UsageTotals, new_totals, record_usage, usage_handlers
+from gateway.loop import new_event_loop
 from gateway.pricing import PriceTable
 
 __all__ = [
@@ -1056,17 +1057,9 @@ def build_fake_app(state: FakeState | None = None) -> web.Application:
     return app
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def run_fake_upstream(host: str = "127.0.0.1", port: int = 9797) -> None:
     """Serve the fake upstream until interrupted."""
-    loop = _new_event_loop()
+    loop = new_event_loop()
     web.run_app(build_fake_app(), host=host, port=port, access_log=None, loop=loop, backlog=1024)
 
 

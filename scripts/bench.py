@@ -1665,14 +1665,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -1855,9 +1847,11 @@ def main(argv: list[str] | None = None) -> int:
     failed: BaseException | None = None
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         extra = "log_calls: false\n" if args.no_call_log else ""
+        from gateway.loop import new_event_loop
+
         stack = Stack(Path(tmp), args.upstream_procs, pinning, extra)
         try:
-            with asyncio.Runner(loop_factory=new_loop) as runner:
+            with asyncio.Runner(loop_factory=new_event_loop) as runner:
                 execute(bench, stack, runner, budget)
         except (BenchError, OSError, KeyboardInterrupt) as exc:
             failed = exc
