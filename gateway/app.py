@@ -17,16 +17,18 @@ from aiohttp import web
 from gateway.config import GatewayConfig
 from gateway.errors import NOT_FOUND, error_body
 from gateway.handler import ProxyHandler
-from gateway.ledger import Ledger
-from gateway.limits import Limiter, seed_from_ledger
+from gateway.ledger import LedgerWriter
+from gateway.limits import Limiter, Usage, window_usage
 from gateway.proxy import UpstreamClient
+from gateway.redis_limits import RedisLimiter
+from gateway.storage import make_ledger
 from gateway.web.api import UsageApi
 from gateway.web.metrics import GatewayCollector, metrics_handler
 
 log = logging.getLogger("gateway")
 
 CONFIG = web.AppKey("config", GatewayConfig)
-LEDGER = web.AppKey("ledger", Ledger)
+LEDGER = web.AppKey("ledger", LedgerWriter)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 HANDLER = web.AppKey("handler", ProxyHandler)
 LIMITER = web.AppKey("limiter", Limiter)
@@ -45,9 +47,9 @@ def upstream_key(config: GatewayConfig) -> str:
 
 def build_app(config: GatewayConfig) -> web.Application:
     app = web.Application(client_max_size=config.listen.max_request_body)
-    ledger = Ledger(config.storage.sqlite_path, config.storage.flush_interval_ms)
+    ledger = make_ledger(config.storage)
     upstream = UpstreamClient(config.upstream, upstream_key(config))
-    limiter = Limiter(config)
+    limiter = make_limiter(config)
     handler = ProxyHandler(config, upstream, ledger, limiter)
     app[CONFIG], app[LEDGER], app[UPSTREAM], app[HANDLER] = config, ledger, upstream, handler
     app[LIMITER] = limiter
@@ -56,7 +58,7 @@ def build_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    usage_api = UsageApi(lambda: handler.config, limiter, ledger.flush)
+    usage_api = UsageApi(lambda: handler.config, limiter, ledger.flush, ledger.reader)
     app.router.add_routes(usage_api.routes())
     collector = GatewayCollector(
         handler.stats, lambda: handler.config, limiter, ledger, lambda: handler.in_flight
@@ -70,15 +72,29 @@ def build_app(config: GatewayConfig) -> web.Application:
     return app
 
 
+def make_limiter(config: GatewayConfig) -> Limiter:
+    """Limits in this process, or shared by every replica through Redis."""
+    if config.limits_backend.backend == "redis":
+        return RedisLimiter(config)
+    return Limiter(config)
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     await app[LEDGER].open()
-    seed_from_ledger(app[LIMITER], app[LEDGER].path)
+    limiter, ledger = app[LIMITER], app[LEDGER]
+
+    async def usage() -> Usage:
+        await ledger.flush()
+        return await window_usage(limiter, ledger.reader)
+
+    await limiter.start(usage)
     await app[UPSTREAM].start()
     app[READY].set()
     try:
         yield
     finally:
         await app[UPSTREAM].close()
+        await app[LIMITER].close()
         await app[LEDGER].close()
         await app[HANDLER].call_log.flush()
 

@@ -6,10 +6,15 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from gateway.config import ConfigError, GatewayConfig, config_path_from, load_config
 from gateway.loop import new_event_loop
+from gateway.readers import LedgerReader
+from gateway.storage import StorageConfigError, StorageError, open_reader
+
+T = TypeVar("T")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -30,9 +35,24 @@ def _known_team(config: GatewayConfig, team: str) -> bool:
     return False
 
 
-def run_async(main: Callable[[], object]) -> None:
+def run_async(main: Callable[[], Awaitable[T]]) -> T:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(main())  # type: ignore[arg-type]
+        return runner.run(main())  # type: ignore[arg-type]
+
+
+def with_reader(config: GatewayConfig, read: Callable[[LedgerReader], Awaitable[T]]) -> T:
+    """Run one command's reads against the configured store."""
+
+    async def main() -> T:
+        async with open_reader(config.storage) as reader:
+            return await read(reader)
+
+    return run_async(main)
+
+
+def _storage_failure(command: str, error: StorageError) -> int:
+    print(f"{command}: {error}", file=sys.stderr)
+    return EXIT_USAGE if isinstance(error, StorageConfigError) else EXIT_FAILURE
 
 
 # ---------------------------------------------------------------- commands
@@ -47,7 +67,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
-    run_async(lambda: serve(path, config, host, port))
+    try:
+        run_async(lambda: serve(path, config, host, port))
+    except StorageError as exc:
+        return _storage_failure("serve", exc)
     return EXIT_OK
 
 
@@ -91,10 +114,12 @@ def cmd_report(args: argparse.Namespace) -> int:
             until=parse_when(args.until, zone) if args.until else None,
             zone=zone,
         )
-        rows = usage_rows(config.storage.sqlite_path, query)
+        rows = with_reader(config, lambda reader: usage_rows(reader, query))
     except ValueError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StorageError as exc:
+        return _storage_failure("report", exc)
     print(render(rows, args.format))
     if args.format == "table":
         print("\n".join(key_lines(config, today_in(zone))))
@@ -102,16 +127,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_invoice(args: argparse.Namespace) -> int:
-    from gateway.reports import build_invoice, render_invoice
+    from gateway.reports import build_invoice, month_bounds, render_invoice
 
     config = _load(args.config)
     if not _known_team(config, args.team):
         return EXIT_USAGE
     try:
-        invoice = build_invoice(config.storage.sqlite_path, config, args.team, args.month)
+        month_bounds(args.month, config.limits_timezone)
     except ValueError:
         print(f"--month: '{args.month}' is not YYYY-MM", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        invoice = with_reader(
+            config, lambda reader: build_invoice(reader, config, args.team, args.month)
+        )
+    except StorageError as exc:
+        return _storage_failure("invoice", exc)
     print(render_invoice(invoice, args.format))
     return EXIT_OK
 
@@ -142,9 +173,12 @@ def cmd_reprice(args: argparse.Namespace) -> int:
     except (PricingError, OSError, ValueError) as exc:
         print(f"reprice: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    result = reprice(
-        config.storage.sqlite_path, config, prices, since, apply=not args.dry_run
-    )
+    try:
+        result = with_reader(
+            config, lambda reader: reprice(reader, config, prices, since, not args.dry_run)
+        )
+    except StorageError as exc:
+        return _storage_failure("reprice", exc)
     print("\n".join(result.lines(applied=not args.dry_run)))
     return EXIT_OK
 
@@ -153,7 +187,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     import os
     import urllib.error
 
-    from gateway.reconcile import ADMIN_KEY_ENV, reconcile
+    from gateway.reconcile import ADMIN_KEY_ENV, reconcile, utc_month
 
     config = _load(args.config)
     admin_key = os.environ.get(ADMIN_KEY_ENV)
@@ -161,10 +195,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print(f"reconcile: set {ADMIN_KEY_ENV} to an OpenAI admin key", file=sys.stderr)
         return EXIT_USAGE
     try:
-        lines = reconcile(config, args.month, admin_key)
+        utc_month(args.month)
     except ValueError:
         print(f"--month: '{args.month}' is not YYYY-MM", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        lines = with_reader(config, lambda reader: reconcile(config, reader, args.month, admin_key))
+    except StorageError as exc:
+        return _storage_failure("reconcile", exc)
     except (urllib.error.URLError, OSError) as exc:
         print(f"reconcile: the upstream's usage APIs could not be read: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -105,7 +105,7 @@ async def run_demo() -> str:
         try:
             said = await _traffic(f"http://127.0.0.1:{port}/v1")
             await app[LEDGER].flush()
-            rows = usage_rows(config.storage.sqlite_path, ReportQuery())
+            rows = await usage_rows(app[LEDGER].reader, ReportQuery())
         finally:
             await gateway_runner.cleanup()
             await fake_runner.cleanup()

@@ -48,6 +48,8 @@ UPSTREAM_UNAVAILABLE = ErrorKind(
     502, "upstream_error", "upstream_unavailable", Outcome.UPSTREAM_ERROR
 )
 UPSTREAM_TIMEOUT = ErrorKind(504, "upstream_error", "upstream_timeout", Outcome.UPSTREAM_ERROR)
+# The shared limits backend (Redis) is unreachable and the policy is `fail_closed`.
+LIMITS_UNAVAILABLE = ErrorKind(503, "server_error", "limits_unavailable", Outcome.REJECTED)
 GATEWAY_FAULT = ErrorKind(500, "server_error", "gateway_error", Outcome.GATEWAY_ERROR)
 NOT_FOUND = ErrorKind(404, "invalid_request_error", "unknown_url", Outcome.REJECTED)
 ADMIN_UNAUTHORIZED = ErrorKind(401, "invalid_request_error", "invalid_admin_key", Outcome.REJECTED)

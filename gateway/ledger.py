@@ -1,7 +1,8 @@
-"""The SQLite ledger: one row per call, written in batches off the hot path.
+"""The ledger: one row per call, written in batches off the hot path.
 
 `append` only puts a row on a list; a background task commits the list every
-`flush_interval_ms` through aiosqlite's own thread, so the event loop never waits on disk.
+`flush_interval_ms` (SQLite through aiosqlite's own thread; PostgreSQL in `gateway.postgres`),
+so the event loop never waits on the store.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from operator import attrgetter
 from pathlib import Path
 
 import aiosqlite
+
+from gateway.readers import SqliteReader
 
 log = logging.getLogger("gateway.ledger")
 
@@ -110,14 +113,16 @@ def prepare_database(path: Path) -> None:
             db.execute(statement)
 
 
-class Ledger:
-    """Appends call records and commits them in batches."""
+class LedgerWriter:
+    """Appends call records and commits them in batches; a store subclasses it with its own
+    connection and batch write. A batch that fails to commit is kept and retried, never dropped."""
 
-    def __init__(self, path: Path, flush_interval_ms: int) -> None:
-        self.path = path
+    # What a failed write of the store raises; anything else is a bug and propagates.
+    write_errors: tuple[type[BaseException], ...] = (OSError,)
+
+    def __init__(self, flush_interval_ms: int) -> None:
         self._interval_s = flush_interval_ms / 1000
         self._pending: list[tuple] = []
-        self._db: aiosqlite.Connection | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -128,10 +133,7 @@ class Ledger:
         self.last_error: str | None = None
 
     async def open(self) -> None:
-        prepare_database(self.path)
-        self._db = await aiosqlite.connect(self.path)
-        for statement in _PRAGMAS:
-            await self._db.execute(statement)
+        await self._connect()
         self._flusher = asyncio.create_task(self._flush_periodically(), name="ledger-flush")
 
     def append(self, record: CallRecord) -> None:
@@ -149,17 +151,17 @@ class Ledger:
 
     @property
     def writable(self) -> bool:
-        return self._db is not None and self.last_error is None
+        return self._connected and self.last_error is None
 
     async def flush(self) -> None:
         """Commit every row appended so far (waits for a flush already under way)."""
         async with self._flush_lock:
-            if not self._pending or self._db is None:
+            if not self._pending or not self._connected:
                 return
             batch, self._pending = self._pending, []
             try:
                 await self._write(batch)
-            except (sqlite3.Error, OSError) as exc:
+            except self.write_errors as exc:
                 # Keep the rows: they are retried on the next flush, never dropped.
                 self._pending = batch + self._pending
                 self.last_error = str(exc)
@@ -167,11 +169,6 @@ class Ledger:
                 raise
             self.last_error = None
             self.rows_written += len(batch)
-
-    async def _write(self, batch: list[tuple]) -> None:
-        assert self._db is not None
-        await self._db.executemany(_INSERT, batch)
-        await self._db.commit()
 
     async def _flush_periodically(self) -> None:
         while not self._closing:
@@ -182,7 +179,7 @@ class Ledger:
                 for hook in self.on_flush:
                     await hook()
                 await self.flush()
-            except (sqlite3.Error, OSError):
+            except self.write_errors:
                 await asyncio.sleep(min(1.0, self._interval_s * 10))
 
     async def close(self) -> None:
@@ -191,6 +188,51 @@ class Ledger:
         if self._flusher is not None:
             await self._flusher
         await self.flush()
+        await self._disconnect()
+
+    # ------------------------------------------------------------ what a store provides
+
+    @property
+    def _connected(self) -> bool:
+        raise NotImplementedError
+
+    async def _connect(self) -> None:
+        raise NotImplementedError
+
+    async def _write(self, batch: list[tuple]) -> None:
+        raise NotImplementedError
+
+    async def _disconnect(self) -> None:
+        raise NotImplementedError
+
+
+class Ledger(LedgerWriter):
+    """The SQLite ledger (WAL), written through aiosqlite's own thread."""
+
+    write_errors = (sqlite3.Error, OSError)
+
+    def __init__(self, path: Path, flush_interval_ms: int) -> None:
+        super().__init__(flush_interval_ms)
+        self.path = path
+        self.reader = SqliteReader(path)
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def _connected(self) -> bool:
+        return self._db is not None
+
+    async def _connect(self) -> None:
+        prepare_database(self.path)
+        self._db = await aiosqlite.connect(self.path)
+        for statement in _PRAGMAS:
+            await self._db.execute(statement)
+
+    async def _write(self, batch: list[tuple]) -> None:
+        assert self._db is not None
+        await self._db.executemany(_INSERT, batch)
+        await self._db.commit()
+
+    async def _disconnect(self) -> None:
         if self._db is not None:
             await self._db.close()
             self._db = None

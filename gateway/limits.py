@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from gateway.config import GatewayConfig, KeyConfig, Limits, TeamConfig
@@ -30,6 +28,7 @@ from gateway.errors import (
     ErrorKind,
     GatewayError,
 )
+from gateway.readers import LedgerReader
 
 # What a call draws from each kind of window.
 REQUESTS, TOKENS, BYTES, SPEND = "requests", "tokens", "bytes", "spend"
@@ -148,6 +147,7 @@ class Meter:
     """The windows of one key or one team."""
 
     name: str
+    scope: str = "key"  # "key" or "team": names are unique only within a scope
     rates: list[TokenBucket] = field(default_factory=list)
     quotas: list[Quota] = field(default_factory=list)
     max_concurrent: int | None = None
@@ -158,8 +158,8 @@ class Meter:
         return not (self.rates or self.quotas or self.max_concurrent)
 
 
-def build_meter(name: str, limits: Limits, now: float) -> Meter:
-    meter = Meter(name=name, max_concurrent=limits.max_concurrent)
+def build_meter(name: str, scope: str, limits: Limits, now: float) -> Meter:
+    meter = Meter(name=name, scope=scope, max_concurrent=limits.max_concurrent)
     for config_name, kind in _RATES.items():
         value = getattr(limits, config_name)
         if value is not None:
@@ -169,6 +169,11 @@ def build_meter(name: str, limits: Limits, now: float) -> Meter:
         if value is not None:
             meter.quotas.append(Quota(config_name, kind, period, value))
     return meter
+
+
+# What each (scope, name) used in each current period ("hour", "day", "month").
+Usage = dict[tuple[str, str], dict[str, Draw]]
+UsageSource = Callable[[], Awaitable[Usage]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,10 +200,15 @@ class Admission:
     queued_ms: float = 0.0
     settled: bool = False
     shadow_rejected_by: str | None = None  # shadow mode: the limit that would have refused
+    ticket: object = None  # what a shared backend needs to settle the call
 
 
 class Limiter:
     """All keys' and teams' meters, and the per-team queues."""
+
+    # How often the head of a queue looks again for a freed concurrency slot when no local
+    # call's end can tell it (never, in process: every end here wakes the queue).
+    poll_interval_s = math.inf
 
     def __init__(
         self,
@@ -218,9 +228,11 @@ class Limiter:
     def apply(self, config: GatewayConfig) -> None:
         """(Re)build meters from config, keeping what is already used."""
         now = self.clock()
-        teams = {name: build_meter(name, team.limits, now) for name, team in config.teams.items()}
+        teams = {
+            name: build_meter(name, "team", team.limits, now) for name, team in config.teams.items()
+        }
         keys = {
-            key.id: build_meter(key.id, key.limits, now)
+            key.id: build_meter(key.id, "key", key.limits, now)
             for team in config.teams.values()
             for key in team.keys
         }
@@ -279,40 +291,36 @@ class Limiter:
 
     def _check(self, meter: Meter, draw: Draw, now: float, wall: float) -> Refusal | None:
         if meter.max_concurrent is not None and meter.active >= meter.max_concurrent:
-            return Refusal(
-                "max_concurrent",
-                RATE_LIMITED_REQUESTS,
-                1.0,
-                f"Too many concurrent requests for {meter.name}: limit {meter.max_concurrent}.",
-            )
+            return concurrency_refusal(meter)
         for bucket in meter.rates:
             wait = bucket.wait_for(draw.of(bucket.kind), now)
             if wait > 0:
-                kind = RATE_LIMITED_TOKENS if bucket.kind == TOKENS else RATE_LIMITED_REQUESTS
-                return Refusal(
-                    bucket.name,
-                    kind,
-                    wait,
-                    f"Rate limit reached for {meter.name} on {bucket.name}: limit "
-                    f"{bucket.limit}, requested {draw.of(bucket.kind)}. "
-                    + (
-                        f"Please try again in {format_duration(wait)}."
-                        if math.isfinite(wait)
-                        else "This request can never fit that limit."
-                    ),
-                )
+                return rate_refusal(meter, bucket, draw.of(bucket.kind), wait)
         for quota in meter.quotas:
             quota.roll(self.calendar, wall)
             if not quota.fits(draw.of(quota.kind)):
-                wait = quota.window_end - wall
-                name = CONFIG_NAMES.get(quota.name, quota.name)
-                return Refusal(
-                    name,
-                    QUOTA_EXHAUSTED,
-                    wait,
-                    f"Quota exhausted for {meter.name}: {name} is used up; it resets at "
-                    f"{datetime.fromtimestamp(quota.window_end, self.calendar.zone).isoformat()}.",
-                )
+                return quota_refusal(meter, quota, quota.window_end - wall, self.calendar.zone)
+        return None
+
+    async def _take(self, meters: tuple[Meter, ...], draw: Draw) -> tuple[Refusal | None, object]:
+        """Where the windows live: here, in this process. A shared backend overrides this;
+        the second value is its ticket for settling the call."""
+        return self.try_admit(meters, draw), None
+
+    async def start(self, usage: UsageSource) -> None:
+        """Start the quotas from what the ledger says their windows have used, so a restart
+        never hands out a fresh quota."""
+        for (scope, name), used in (await usage()).items():
+            self.seed_usage(scope, name, used)
+
+    async def close(self) -> None:
+        """Nothing to release for in-process limits."""
+
+    async def refresh(self, meters: tuple[Meter, ...]) -> None:
+        """Bring `meters` up to date before reporting them (already are, in process)."""
+
+    def backend_status(self) -> dict[str, object] | None:
+        """A shared backend's health for metrics; None for in-process limits."""
         return None
 
     def settle(self, admission: Admission, actual: Draw) -> None:
@@ -339,13 +347,13 @@ class Limiter:
     async def admit(self, team: TeamConfig, meters: tuple[Meter, ...], draw: Draw) -> Admission:
         """Admit now, wait in the team's FIFO queue, or raise the SPEC's 429."""
         if not team.enforce:
-            return self._admit_in_shadow(team, meters, draw)
+            return await self._admit_in_shadow(team, meters, draw)
         started = self.clock()
         queue = self.queues.setdefault(team.name, deque())
         if not queue:
-            refusal = self.try_admit(meters, draw)
+            refusal, ticket = await self._take(meters, draw)
             if refusal is None:
-                return Admission(team.name, meters, draw)
+                return Admission(team.name, meters, draw, ticket=ticket)
             if team.on_limit != "queue" or refusal.queue_wait_s > team.queue.max_wait_s:
                 raise _limit_error(refusal)
         if len(queue) >= team.queue.max_depth:
@@ -357,20 +365,23 @@ class Limiter:
         place = object()
         queue.append(place)
         try:
-            await self._wait_turn(team, meters, draw, place, started + team.queue.max_wait_s)
+            ticket = await self._wait_turn(
+                team, meters, draw, place, started + team.queue.max_wait_s
+            )
         finally:
             queue.remove(place)
             self._notify(team.name)
-        return Admission(team.name, meters, draw, queued_ms=(self.clock() - started) * 1000)
+        queued_ms = (self.clock() - started) * 1000
+        return Admission(team.name, meters, draw, queued_ms=queued_ms, ticket=ticket)
 
-    def _admit_in_shadow(
+    async def _admit_in_shadow(
         self, team: TeamConfig, meters: tuple[Meter, ...], draw: Draw
     ) -> Admission:
         """`enforce: false`: let every call through, but account exactly as a rejecting team
         would: a call that would have been refused takes nothing and is marked instead."""
-        refusal = self.try_admit(meters, draw)
+        refusal, ticket = await self._take(meters, draw)
         if refusal is None:
-            return Admission(team.name, meters, draw)
+            return Admission(team.name, meters, draw, ticket=ticket)
         return Admission(team.name, (), draw, shadow_rejected_by=refusal.window)
 
     async def _wait_turn(
@@ -380,15 +391,16 @@ class Limiter:
         draw: Draw,
         place: object,
         deadline: float,
-    ) -> None:
+    ) -> object:
+        """Wait for the head of the queue and room in every window; the take's ticket."""
         queue = self.queues[team.name]
         while True:
             retry_after = math.inf
             if queue[0] is place:
-                refusal = self.try_admit(meters, draw)
+                refusal, ticket = await self._take(meters, draw)
                 if refusal is None:
-                    return
-                retry_after = refusal.queue_wait_s or math.inf
+                    return ticket
+                retry_after = refusal.queue_wait_s or self.poll_interval_s
             left = deadline - self.clock()
             if left <= 0 or retry_after > left and math.isfinite(retry_after):
                 raise GatewayError(
@@ -423,6 +435,41 @@ def _carry_over(old: Meter, new: Meter) -> None:
         if quota.name in old_quotas:
             quota.used = old_quotas[quota.name].used
             quota.window_end = old_quotas[quota.name].window_end
+
+
+def concurrency_refusal(meter: Meter) -> Refusal:
+    return Refusal(
+        "max_concurrent",
+        RATE_LIMITED_REQUESTS,
+        1.0,
+        f"Too many concurrent requests for {meter.name}: limit {meter.max_concurrent}.",
+    )
+
+
+def rate_refusal(meter: Meter, bucket: TokenBucket, amount: int, wait: float) -> Refusal:
+    return Refusal(
+        bucket.name,
+        RATE_LIMITED_TOKENS if bucket.kind == TOKENS else RATE_LIMITED_REQUESTS,
+        wait,
+        f"Rate limit reached for {meter.name} on {bucket.name}: limit {bucket.limit}, "
+        f"requested {amount}. "
+        + (
+            f"Please try again in {format_duration(wait)}."
+            if math.isfinite(wait)
+            else "This request can never fit that limit."
+        ),
+    )
+
+
+def quota_refusal(meter: Meter, quota: Quota, wait: float, zone: ZoneInfo) -> Refusal:
+    name = CONFIG_NAMES.get(quota.name, quota.name)
+    return Refusal(
+        name,
+        QUOTA_EXHAUSTED,
+        wait,
+        f"Quota exhausted for {meter.name}: {name} is used up; it resets at "
+        f"{datetime.fromtimestamp(quota.window_end, zone).isoformat()}.",
+    )
 
 
 def _limit_error(refusal: Refusal) -> GatewayError:
@@ -465,28 +512,23 @@ def rate_headers(headers: MutableMapping[str, str], meters: tuple[Meter, ...], n
         headers[f"x-ratelimit-reset-{kind}"] = format_duration(tightest.reset_in(now))
 
 
-def seed_from_ledger(limiter: Limiter, path: Path) -> None:
-    """Rebuild today's (this hour's, this month's) quota usage from the ledger at start, so a
-    restart never hands out a fresh quota."""
-    if not path.exists():
-        return
+async def window_usage(limiter: Limiter, ledger: LedgerReader) -> Usage:
+    """What each team and key used in the current hour, day and month, by the ledger."""
     now = limiter.wall_clock()
-    totals: dict[tuple[str, str], dict[str, Draw]] = {}
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        for period in ("hour", "day", "month"):
-            start, _ = limiter.calendar.window(period, now)
-            for team, key_id, requests, used_tokens, moved, spend in db.execute(
-                _WINDOW_USAGE, (start,)
-            ):
-                for scope, name in (("team", team), ("key", key_id)):
-                    draws = totals.setdefault((scope, name), {})
-                    draw = draws.setdefault(period, Draw(requests=0))
-                    draw.requests += requests
-                    draw.tokens += used_tokens or 0
-                    draw.bytes += moved or 0
-                    draw.spend += spend or 0
-    for (scope, name), draws in totals.items():
-        limiter.seed_usage(scope, name, draws)
+    totals: Usage = {}
+    for period in ("hour", "day", "month"):
+        start, _ = limiter.calendar.window(period, now)
+        for team, key_id, requests, used_tokens, moved, spend in await ledger.tuples(
+            _WINDOW_USAGE, (start,)
+        ):
+            for scope, name in (("team", team), ("key", key_id)):
+                draws = totals.setdefault((scope, name), {})
+                draw = draws.setdefault(period, Draw(requests=0))
+                draw.requests += requests
+                draw.tokens += used_tokens or 0
+                draw.bytes += moved or 0
+                draw.spend += spend or 0
+    return totals
 
 
 # Calls the gateway let through count against quotas; its own refusals do not.

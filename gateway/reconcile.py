@@ -7,23 +7,25 @@ its own transfer and per-request fees where the price table sets them; the provi
 
 from __future__ import annotations
 
+import asyncio
 import json
-import sqlite3
 import urllib.parse
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from gateway.config import GatewayConfig
 from gateway.pricing import base_model_name, format_usd
+from gateway.readers import LedgerReader
 from gateway.usage import COMPLETION_PATHS
 
 ADMIN_KEY_ENV = "OPENAI_ADMIN_KEY"
-_LEDGER_SQL = f"""
-SELECT date(started_at, 'unixepoch'), model, COUNT(*), SUM(input_tokens), SUM(output_tokens),
-       SUM(cost_nanousd)
+
+
+def _ledger_sql(utc_day: str) -> str:
+    return f"""
+SELECT {utc_day}, model, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost_nanousd)
 FROM requests
 WHERE started_at >= ? AND started_at < ? AND status BETWEEN 200 AND 299
   AND path IN ({", ".join("?" * len(COMPLETION_PATHS))})
@@ -48,19 +50,17 @@ def utc_month(month: str) -> tuple[int, int]:
     return int(first.timestamp()), int(following.timestamp())
 
 
-def gateway_figures(ledger: Path, start: int, end: int) -> Table:
+async def gateway_figures(reader: LedgerReader, start: int, end: int) -> Table:
     table: Table = defaultdict(Figures)
-    if not ledger.exists():
-        return table
-    with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as db:
-        for day, model, calls, inp, out, cost in db.execute(
-            _LEDGER_SQL, (start, end, *COMPLETION_PATHS)
-        ):
-            figures = table[(day, base_model_name(model or ""))]
-            figures.requests += calls
-            figures.input_tokens += inp or 0
-            figures.output_tokens += out or 0
-            figures.cost_nanousd += cost or 0
+    sql = _ledger_sql(reader.dialect.utc_day())
+    for day, model, calls, inp, out, cost in await reader.tuples(
+        sql, (start, end, *COMPLETION_PATHS)
+    ):
+        figures = table[(day, base_model_name(model or ""))]
+        figures.requests += calls
+        figures.input_tokens += inp or 0
+        figures.output_tokens += out or 0
+        figures.cost_nanousd += cost or 0
     return table
 
 
@@ -124,16 +124,17 @@ def report_lines(gateway: Table, provider: Table) -> list[str]:
         ]
         lines.append(
             f"{day} {model or '(no model)'}: "
-            + ", ".join(
-                f"{name} {show(a)}/{show(b)} ({drift(a, b)})" for name, a, b, show in pairs
-            )
+            + ", ".join(f"{name} {show(a)}/{show(b)} ({drift(a, b)})" for name, a, b, show in pairs)
         )
     return lines or ["no completion calls in that month, on either side"]
 
 
-def reconcile(config: GatewayConfig, month: str, admin_key: str) -> list[str]:
+async def reconcile(
+    config: GatewayConfig, reader: LedgerReader, month: str, admin_key: str
+) -> list[str]:
     start, end = utc_month(month)
-    ours = gateway_figures(config.storage.sqlite_path, start, end)
-    theirs = provider_figures(config.upstream.base_url.rstrip("/"), admin_key, start, end)
+    ours = await gateway_figures(reader, start, end)
+    base_url = config.upstream.base_url.rstrip("/")
+    theirs = await asyncio.to_thread(provider_figures, base_url, admin_key, start, end)
     header = "day model: gateway/provider (drift) for requests, input, output, cost"
     return [header, *report_lines(ours, theirs)]

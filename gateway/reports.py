@@ -5,35 +5,34 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from gateway.config import Billing, GatewayConfig
 from gateway.keys import days_left
 from gateway.pricing import format_usd
+from gateway.readers import Dialect, LedgerReader, count_where
 
-GROUPINGS = {
+GROUPINGS: dict[str, str | None] = {
     "team": "team",
     "key": "key_id",
     "model": "model",
-    "day": "local_day(started_at)",
+    "day": None,  # the calendar day in the query's zone, a dialect expression
     "status": "status",
     "outcome": "outcome",
     "shadow": "shadow_rejected_by",
 }
 _SUMS = [
     ("calls", "COUNT(*)"),
-    ("errors", "SUM(outcome != 'ok')"),
+    ("errors", count_where("outcome != 'ok'")),
     ("input_tokens", "SUM(input_tokens)"),
     ("cached_input_tokens", "SUM(cached_input_tokens)"),
     ("output_tokens", "SUM(output_tokens)"),
     ("reasoning_tokens", "SUM(reasoning_tokens)"),
     ("estimated_calls", "SUM(tokens_estimated)"),
-    ("shadow_refused", "SUM(shadow_rejected_by IS NOT NULL)"),
+    ("shadow_refused", count_where("shadow_rejected_by IS NOT NULL")),
     ("request_bytes", "SUM(request_bytes)"),
     ("response_bytes", "SUM(response_bytes)"),
     ("cost_nanousd", "SUM(cost_nanousd)"),
@@ -66,11 +65,11 @@ def parse_when(value: str, zone: ZoneInfo, now: datetime | None = None) -> float
     return moment.timestamp()
 
 
-def usage_rows(ledger_path: Path, query: ReportQuery) -> list[dict[str, object]]:
+async def usage_rows(reader: LedgerReader, query: ReportQuery) -> list[dict[str, object]]:
     unknown = [name for name in query.by if name not in GROUPINGS]
     if unknown:
         raise ValueError(f"cannot group by {', '.join(unknown)} (use {', '.join(GROUPINGS)})")
-    groups = [f"{GROUPINGS[name]} AS {name}" for name in query.by]
+    groups = [f"{_grouping(name, reader.dialect, query)} AS {name}" for name in query.by]
     sums = [f"COALESCE({expr}, 0) AS {name}" for name, expr in _SUMS]
     where, params = [], []
     if query.since is not None:
@@ -84,26 +83,15 @@ def usage_rows(ledger_path: Path, query: ReportQuery) -> list[dict[str, object]]
         sql += " WHERE " + " AND ".join(where)
     if query.by:
         order = ", ".join(str(i + 1) for i in range(len(query.by)))
-        sql += f" GROUP BY {order} ORDER BY {order}"
-    if not ledger_path.exists():
-        return []
-    with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True) as db:
-        db.row_factory = sqlite3.Row
-        db.create_function(
-            "local_day",
-            1,
-            lambda ts: datetime.fromtimestamp(ts, query.zone).date().isoformat(),
-            deterministic=True,
-        )
-        try:
-            rows = [dict(row) for row in db.execute(sql, params)]
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return []
-            raise
+        sql += f" GROUP BY {order} ORDER BY {reader.dialect.nulls_first(order)}"
+    rows = await reader.rows(sql, params)
     for row in rows:
         row["cost_usd"] = format_usd(int(row["cost_nanousd"]))
     return rows
+
+
+def _grouping(name: str, dialect: Dialect, query: ReportQuery) -> str:
+    return GROUPINGS[name] or dialect.local_day(query.zone)
 
 
 def render(rows: list[dict[str, object]], fmt: str) -> str:
@@ -194,14 +182,10 @@ def month_bounds(month: str, zone: ZoneInfo) -> tuple[float, float, int]:
     return first.timestamp(), following.timestamp(), (following - first).days
 
 
-def build_invoice(ledger_path: Path, config: GatewayConfig, team: str, month: str) -> dict:
+async def build_invoice(reader: LedgerReader, config: GatewayConfig, team: str, month: str) -> dict:
     """The bill of one team for one month under its plan, exact in nano-USD."""
     start, end, days = month_bounds(month, config.limits_timezone)
-    lines: list[dict[str, object]] = []
-    if ledger_path.exists():
-        with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True) as db:
-            db.row_factory = sqlite3.Row
-            lines = [dict(row) for row in db.execute(_INVOICE_LINES, (team, start, end))]
+    lines = await reader.rows(_INVOICE_LINES, (team, start, end))
     billing = config.teams[team].billing
     usage_total = sum(int(line["amount_nanousd"]) for line in lines)
     calls = sum(int(line["calls"]) for line in lines)

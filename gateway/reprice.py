@@ -6,13 +6,12 @@ Every row keeps its tokens and bytes, so its cost can be recomputed exactly; tea
 
 from __future__ import annotations
 
-import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from gateway.config import GatewayConfig
 from gateway.pricing import PriceTable, format_usd
+from gateway.readers import LedgerReader
 
 _ROWS = """
 SELECT request_id, team, model, status, input_tokens, cached_input_tokens, output_tokens,
@@ -53,35 +52,34 @@ def _tables(config: GatewayConfig, base: PriceTable) -> dict[str | None, PriceTa
     return tables
 
 
-def reprice(
-    ledger: Path, config: GatewayConfig, prices: PriceTable, since: float, apply: bool
+async def reprice(
+    reader: LedgerReader, config: GatewayConfig, prices: PriceTable, since: float, apply: bool
 ) -> RepriceResult:
     tables = _tables(config, prices)
     result = RepriceResult()
     updates = []
-    with sqlite3.connect(ledger, timeout=30) as db:
-        for row in db.execute(_ROWS, (since,)).fetchall():
-            request_id, team, model, status, inp, cached, out, req, resp, old = row
-            table = tables.get(team, prices)
-            new, priced = table.cost_nanousd(
-                model,
-                input_tokens=inp or 0,
-                cached_input_tokens=cached or 0,
-                output_tokens=out or 0,
-                request_bytes=req or 0,
-                response_bytes=resp or 0,
-                billable=200 <= (status or 0) < 300,
-            )
-            result.examined += 1
-            result.old_total += old or 0
-            result.new_total += new
-            if new != (old or 0):
-                result.changed += 1
-                entry = result.by_model[model or ""]
-                entry[0] += 1
-                entry[1] += old or 0
-                entry[2] += new
-            updates.append((new, table.content_hash, int(not priced), request_id))
-        if apply:
-            db.executemany(_UPDATE, updates)
+    for row in await reader.tuples(_ROWS, (since,)):
+        request_id, team, model, status, inp, cached, out, req, resp, old = row
+        table = tables.get(team, prices)
+        new, priced = table.cost_nanousd(
+            model,
+            input_tokens=inp or 0,
+            cached_input_tokens=cached or 0,
+            output_tokens=out or 0,
+            request_bytes=req or 0,
+            response_bytes=resp or 0,
+            billable=200 <= (status or 0) < 300,
+        )
+        result.examined += 1
+        result.old_total += old or 0
+        result.new_total += new
+        if new != (old or 0):
+            result.changed += 1
+            entry = result.by_model[model or ""]
+            entry[0] += 1
+            entry[1] += old or 0
+            entry[2] += new
+        updates.append((new, table.content_hash, int(not priced), request_id))
+    if apply and updates:
+        await reader.execute_many(_UPDATE, updates)
     return result

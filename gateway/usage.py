@@ -1,18 +1,17 @@
 """Usage and cost queries over the ledger, bucketed in time, for the admin APIs and the portal.
 
-Blocking sqlite3 reads: callers run them in a thread (`asyncio.to_thread`), on their own
-read-only connection, so the ledger writer is never held up (WAL lets both run at once).
+They read through a `LedgerReader`, so they answer the same on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import base64
 import math
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from gateway.readers import LedgerReader, Row, count_where
 
 BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 # OpenAI's bucket limits per width: (default, max).
@@ -70,7 +69,7 @@ class Page:
     next_page: str | None
 
 
-_SUMS = """COUNT(*) AS requests, SUM(outcome != 'ok') AS errors,
+_SUMS = f"""COUNT(*) AS requests, {count_where("outcome != 'ok'")} AS errors,
   SUM(request_bytes) AS request_bytes, SUM(response_bytes) AS response_bytes,
   SUM(input_tokens) AS input_tokens, SUM(cached_input_tokens) AS cached_input_tokens,
   SUM(output_tokens) AS output_tokens, SUM(reasoning_tokens) AS reasoning_tokens,
@@ -89,8 +88,8 @@ def check_query(query: UsageQuery, *, max_width: str | None = None) -> None:
             raise QueryError("group_by", f"cannot group by '{name}'")
 
 
-def bucket_page(
-    ledger: Path,
+async def bucket_page(
+    reader: LedgerReader,
     query: UsageQuery,
     *,
     percentiles: bool = False,
@@ -113,30 +112,29 @@ def bucket_page(
         for i in range(count)
     ]
     if buckets:
-        _fill(ledger, query, buckets, percentiles)
+        await _fill(reader, query, buckets, percentiles)
     has_more = total > count
     return Page(buckets, has_more, _encode_page(first + count * width) if has_more else None)
 
 
-def _fill(ledger: Path, query: UsageQuery, buckets: list[Bucket], percentiles: bool) -> None:
+async def _fill(
+    reader: LedgerReader, query: UsageQuery, buckets: list[Bucket], percentiles: bool
+) -> None:
     columns = list(dict.fromkeys(GROUP_COLUMNS[g] for g in query.group_by))
     where, params = _where(query, buckets[0].start_time, buckets[-1].end_time)
     group_select = "".join(f", {c}" for c in columns)
+    bucket = reader.dialect.bucket_index()
+    order = reader.dialect.nulls_first(", ".join(["1", *columns]))
     sql = (
-        f"SELECT CAST((started_at - ?) / ? AS INTEGER) AS bucket{group_select}, {_SUMS} "
+        f"SELECT {bucket} AS bucket{group_select}, {_SUMS} "
         f"FROM requests WHERE {where} GROUP BY 1{''.join(f', {c}' for c in columns)} "
-        "ORDER BY 1" + "".join(f", {c}" for c in columns)
+        f"ORDER BY {order}"
     )
     first, width = buckets[0].start_time, query.width
-    if not ledger.exists():
-        return
-    with _connect(ledger) as db:
-        db.row_factory = sqlite3.Row
-        for row in db.execute(sql, [first, width, *params]):
-            group = dict(row)
-            buckets[group.pop("bucket")].groups.append(group)
-        if percentiles:
-            _add_percentiles(db, columns, where, [first, width, *params], buckets)
+    for group in await reader.rows(sql, [first, width, *params]):
+        buckets[group.pop("bucket")].groups.append(group)
+    if percentiles:
+        await _add_percentiles(reader, columns, where, [first, width, *params], buckets)
 
 
 def _where(query: UsageQuery, start: int, end: int) -> tuple[str, list[object]]:
@@ -155,16 +153,16 @@ def _where(query: UsageQuery, start: int, end: int) -> tuple[str, list[object]]:
     return " AND ".join(clauses), params
 
 
-def _add_percentiles(
-    db: sqlite3.Connection, columns: list[str], where: str, params: list, buckets: list[Bucket]
+async def _add_percentiles(
+    reader: LedgerReader, columns: list[str], where: str, params: list, buckets: list[Bucket]
 ) -> None:
     select = "".join(f", {c}" for c in columns)
     sql = (
-        f"SELECT CAST((started_at - ?) / ? AS INTEGER) AS bucket{select}, latency_ms "
+        f"SELECT {reader.dialect.bucket_index()} AS bucket{select}, latency_ms "
         f"FROM requests WHERE {where}"
     )
     latencies: dict[tuple, list[float]] = {}
-    for row in db.execute(sql, params):
+    for row in await reader.tuples(sql, params):
         latencies.setdefault(tuple(row[:-1]), []).append(row[-1] or 0.0)
     for index, bucket in enumerate(buckets):
         for group in bucket.groups:
@@ -180,10 +178,6 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(values[max(0, math.ceil(q * len(values)) - 1)], 3)
 
 
-def _connect(ledger: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
-
-
 def _encode_page(bucket_start: int) -> str:
     return "page_" + base64.urlsafe_b64encode(str(bucket_start).encode()).decode().rstrip("=")
 
@@ -196,17 +190,14 @@ def _decode_page(token: str) -> int:
         raise QueryError("page", "page is not a cursor this API returned") from exc
 
 
-def spend_since(ledger: Path, column: str, value: str, since: float) -> int:
+async def spend_since(reader: LedgerReader, column: str, value: str, since: float) -> int:
     """nano-USD spent by one key or team since a moment."""
-    if not ledger.exists():
-        return 0
-    with _connect(ledger) as db:
-        (total,) = db.execute(
-            f"SELECT COALESCE(SUM(cost_nanousd), 0) FROM requests "
-            f"WHERE {column} = ? AND started_at >= ?",
-            (value, since),
-        ).fetchone()
-    return int(total)
+    rows: list[Row] = await reader.rows(
+        f"SELECT COALESCE(SUM(cost_nanousd), 0) AS spent FROM requests "
+        f"WHERE {column} = ? AND started_at >= ?",
+        (value, since),
+    )
+    return int(rows[0]["spent"]) if rows else 0
 
 
 def now() -> int:

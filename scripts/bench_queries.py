@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from gateway.ledger import CallRecord, Ledger
+from gateway.readers import SqliteReader
 from gateway.usage import COMPLETION_PATHS, UsageQuery, bucket_page, spend_since
 
 DAY = 86_400
@@ -58,7 +59,7 @@ async def fill(path: Path, rows: int, start: float) -> float:
 
 def timed(label: str, action) -> None:  # type: ignore[no-untyped-def]
     began = time.perf_counter()
-    action()
+    asyncio.run(action())
     print(f"  {label:<58} {1000 * (time.perf_counter() - began):8.1f} ms")
 
 
@@ -72,12 +73,13 @@ def main() -> None:
     start = 1_790_000_000 - 1_790_000_000 % DAY
     rate = asyncio.run(fill(path, args.rows, start))
     print(f"{args.rows} rows written at {rate:,.0f} rows/s ({path.stat().st_size >> 20} MiB)")
+    reader = SqliteReader(path)
     end = start + 30 * DAY
     last_day = end - DAY
     timed(
         "/gateway/usage 1d x 30, group_by team,model, p50/p95",
         lambda: bucket_page(
-            path,
+            reader,
             UsageQuery(start, end, "1d", ["team", "model"]),
             percentiles=True,
             limits=(31, 31),
@@ -85,12 +87,12 @@ def main() -> None:
     )
     timed(
         "/gateway/usage 1h x 24 (last day), group_by team, p50/p95",
-        lambda: bucket_page(path, UsageQuery(last_day, end, "1h", ["team"]), percentiles=True),
+        lambda: bucket_page(reader, UsageQuery(last_day, end, "1h", ["team"]), percentiles=True),
     )
     timed(
         "usage/completions 1d x 30, group_by project_id,model",
         lambda: bucket_page(
-            path,
+            reader,
             UsageQuery(start, end, "1d", ["project_id", "model"], paths=COMPLETION_PATHS,
                        billable_only=True, limit=31),
         ),
@@ -98,7 +100,7 @@ def main() -> None:
     timed(
         "costs 1d x 30, one project, group_by line_item",
         lambda: bucket_page(
-            path,
+            reader,
             UsageQuery(start, end, "1d", ["line_item"], teams=["team-3"], billable_only=True,
                        limit=30),
             limits=(7, 180),
@@ -106,7 +108,7 @@ def main() -> None:
     )  # fmt: skip
     timed(
         "/gateway/me spend this month (one key)",
-        lambda: spend_since(path, "key_id", "team-3-key-1", start),
+        lambda: spend_since(reader, "key_id", "team-3-key-1", start),
     )
 
 

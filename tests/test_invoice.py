@@ -12,9 +12,10 @@ import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
 from gateway.ledger import CallRecord, Ledger
 from gateway.pricing import format_usd
+from gateway.readers import SqliteReader
 from gateway.reports import build_invoice, render_invoice
 from tests.conftest import RESEARCH_KEY, Gateway, sha
 
@@ -60,6 +61,10 @@ def rows(team: str, per_day: int, days: int, status: int = 200, **fields) -> lis
     ]
 
 
+async def invoice_of(config: GatewayConfig, team: str, month: str) -> dict:
+    return await build_invoice(SqliteReader(config.storage.sqlite_path), config, team, month)
+
+
 async def write_ledger(path: Path, records: list[CallRecord]) -> None:
     ledger = Ledger(path, flush_interval_ms=1000)
     await ledger.open()
@@ -85,7 +90,7 @@ async def test_worked_example_ten_one_megabyte_calls_a_day_cost_1_10(tmp_path: P
         config.storage.sqlite_path,
         rows("usage", 10, 1, request_bytes=400_000, response_bytes=600_000, cost_nanousd=cost),
     )
-    invoice = build_invoice(config.storage.sqlite_path, config, "usage", "2026-11")
+    invoice = await invoice_of(config, "usage", "2026-11")
     assert invoice["total_nanousd"] == 1_100_000_000
     assert invoice["total_usd"] == 1.1
     assert invoice["lines"] == [
@@ -103,7 +108,7 @@ async def test_capped_plan_never_bills_more_than_the_cap(tmp_path: Path):
     records = rows("capped", 250, 30, cost_nanousd=1000)
     records += rows("capped", 7, 3, status=429) + rows("capped", 4, 2, status=500)
     await write_ledger(config.storage.sqlite_path, records)
-    invoice = build_invoice(config.storage.sqlite_path, config, "capped", "2026-11")
+    invoice = await invoice_of(config, "capped", "2026-11")
     assert invoice["lines"][0]["calls"] == 7500
     assert invoice["adjustments"] == [
         {"description": "usage charges replaced by plan capped_per_request",
@@ -112,7 +117,7 @@ async def test_capped_plan_never_bills_more_than_the_cap(tmp_path: Path):
          "amount_nanousd": 60_000_000_000},
     ]  # fmt: skip
     assert invoice["total_nanousd"] == 6000 * 10_000_000
-    under = build_invoice(config.storage.sqlite_path, config, "capped", "2026-10")
+    under = await invoice_of(config, "capped", "2026-10")
     assert under["total_nanousd"] == 0 and under["lines"] == []
 
 
@@ -122,7 +127,7 @@ async def test_per_request_plan_bills_only_answered_calls(tmp_path: Path):
         config.storage.sqlite_path,
         rows("flat", 37, 1, cost_nanousd=5) + rows("flat", 5, 1, status=503),
     )
-    invoice = build_invoice(config.storage.sqlite_path, config, "flat", "2026-11")
+    invoice = await invoice_of(config, "flat", "2026-11")
     assert invoice["total_nanousd"] == 37 * 10_000_000
     text = render_invoice(invoice, "table")
     assert text.splitlines()[0] == "invoice: team flat, 2026-11, plan per_request, USD"
@@ -151,7 +156,9 @@ async def test_invoice_of_real_traffic_equals_the_hand_computation(make_gateway,
         pass
     await asyncio.wait_for(gateway.rows(), 10)
     month = datetime.now(UTC).strftime("%Y-%m")
-    invoice = build_invoice(gateway.ledger_path, gateway.config, "research", month)
+    invoice = await build_invoice(
+        SqliteReader(gateway.ledger_path), gateway.config, "research", month
+    )
     chat = (7 - 3) * 150 + 3 * 75 + 19 * 600 + 5 * 150 + 12 * 600
     embeddings = 5 * 20
     by_model = {line["model"]: line for line in invoice["lines"]}
@@ -203,7 +210,7 @@ async def test_report_by_day_uses_the_limits_timezone_and_since_until(tmp_path: 
     ]
     await write_ledger(path, records)
     tokyo = ZoneInfo("Asia/Tokyo")
-    by_day = usage_rows(path, ReportQuery(by=["day"], zone=tokyo))
+    by_day = await usage_rows(SqliteReader(path), ReportQuery(by=["day"], zone=tokyo))
     assert [(r["day"], r["calls"], r["cost_nanousd"]) for r in by_day] == [
         ("2026-11-01", 1, 5),
         ("2026-11-02", 1, 7),
@@ -213,7 +220,8 @@ async def test_report_by_day_uses_the_limits_timezone_and_since_until(tmp_path: 
     window = ReportQuery(
         by=["team"], since=parse_when("2026-11-01", utc), until=parse_when("2026-11-02", utc)
     )
-    assert [(r["calls"], r["cost_usd"]) for r in usage_rows(path, window)] == [(2, "0.000000012")]
+    in_window = await usage_rows(SqliteReader(path), window)
+    assert [(r["calls"], r["cost_usd"]) for r in in_window] == [(2, "0.000000012")]
     now = datetime(2026, 11, 5, tzinfo=UTC)
     assert parse_when("7d", utc, now) == now.timestamp() - 7 * DAY
 

@@ -263,6 +263,7 @@ async def test_shadow_mode_refuses_nothing_and_marks_exactly_what_reject_mode_re
 
 
 async def test_report_shows_what_each_limit_would_have_done(make_gateway):
+    from gateway.app import LEDGER
     from gateway.reports import ReportQuery, usage_rows
 
     limits = "{requests_per_minute: 2}"
@@ -270,7 +271,7 @@ async def test_report_shows_what_each_limit_would_have_done(make_gateway):
     for _ in range(5):
         await call(shadow.client())
     await shadow.rows()
-    rows = usage_rows(shadow.ledger_path, ReportQuery(by=["team", "shadow"]))
+    rows = await usage_rows(shadow.app[LEDGER].reader, ReportQuery(by=["team", "shadow"]))
     assert [(r["shadow"], r["calls"], r["shadow_refused"]) for r in rows] == [
         (None, 2, 0),
         ("requests_per_minute", 3, 3),

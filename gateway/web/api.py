@@ -8,7 +8,6 @@ import hmac
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +19,7 @@ from gateway.errors import ADMIN_UNAUTHORIZED, INVALID_REQUEST, GatewayError, er
 from gateway.keys import bearer_secret, today_in
 from gateway.limits import Limiter
 from gateway.pricing import format_usd
+from gateway.readers import LedgerReader
 from gateway.usage import (
     BUCKET_LIMITS,
     COMPLETION_PATHS,
@@ -38,10 +38,13 @@ ConfigGetter = Callable[[], GatewayConfig]
 
 
 class UsageApi:
-    def __init__(self, config: ConfigGetter, limiter: Limiter, flush: Callable) -> None:
+    def __init__(
+        self, config: ConfigGetter, limiter: Limiter, flush: Callable, reader: LedgerReader
+    ) -> None:
         self._config = config
         self._limiter = limiter
         self._flush = flush
+        self.ledger = reader
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -51,10 +54,6 @@ class UsageApi:
             web.get("/v1/organization/usage/completions", self.openai_completions),
             web.get("/v1/organization/costs", self.openai_costs),
         ]
-
-    @property
-    def ledger(self) -> Path:
-        return self._config().storage.sqlite_path
 
     # ------------------------------------------------------------ /gateway/me
 
@@ -74,8 +73,8 @@ class UsageApi:
         day_start, _ = self._limiter.calendar.window("day")
         month_start, _ = self._limiter.calendar.window("month")
         today, month = await asyncio.gather(
-            asyncio.to_thread(spend_since, self.ledger, "key_id", key.id, day_start),
-            asyncio.to_thread(spend_since, self.ledger, "key_id", key.id, month_start),
+            spend_since(self.ledger, "key_id", key.id, day_start),
+            spend_since(self.ledger, "key_id", key.id, month_start),
         )
         return {
             "team": team.name,
@@ -103,7 +102,7 @@ class UsageApi:
         except (GatewayError, QueryError) as error:
             return _error(error)
         await self._flush()
-        page = await asyncio.to_thread(bucket_page, self.ledger, query, limits=BUCKET_LIMITS["1m"])
+        page = await bucket_page(self.ledger, query, limits=BUCKET_LIMITS["1m"])
         data = []
         for bucket in page.buckets:
             sums = bucket.groups[0] if bucket.groups else {}
@@ -135,7 +134,7 @@ class UsageApi:
         except (GatewayError, QueryError) as error:
             return _error(error)
         await self._flush()
-        page = await asyncio.to_thread(bucket_page, self.ledger, query, percentiles=True)
+        page = await bucket_page(self.ledger, query, percentiles=True)
         data = []
         for bucket in page.buckets:
             results = []
@@ -169,7 +168,7 @@ class UsageApi:
         except (GatewayError, QueryError) as error:
             return _error(error)
         await self._flush()
-        page = await asyncio.to_thread(bucket_page, self.ledger, query)
+        page = await bucket_page(self.ledger, query)
         return web.json_response(_openai_page(page, requested, _completion_result))
 
     async def openai_costs(self, request: web.Request) -> web.Response:
@@ -182,7 +181,7 @@ class UsageApi:
         except (GatewayError, QueryError) as error:
             return _error(error)
         await self._flush()
-        page = await asyncio.to_thread(bucket_page, self.ledger, query, limits=(7, 180))
+        page = await bucket_page(self.ledger, query, limits=(7, 180))
         currency = self._config().pricing.currency.lower()
         return web.json_response(
             _openai_page(page, query.group_by, lambda g, by: _cost_result(g, by, currency))

@@ -146,6 +146,7 @@ class GatewayCollector(Collector):
             "Age of the oldest row not yet committed",
             value=self.ledger.write_lag(),
         )
+        yield from self._limits_backend()
         config = self.config()
         today = today_in(config.limits_timezone)
         expiry = GaugeMetricFamily(
@@ -158,6 +159,25 @@ class GatewayCollector(Collector):
                 if left is not None:
                     expiry.add_metric([team.name, key.id], left)
         yield expiry
+
+    def _limits_backend(self) -> Iterator[Metric]:
+        status = self.limiter.backend_status()
+        if status is None:
+            return
+        yield GaugeMetricFamily(
+            "gateway_limits_backend_up", "1 while the shared limits backend (Redis) answers",
+            value=1 if status["up"] else 0,
+        )  # fmt: skip
+        for name, help_text, key in (
+            ("gateway_limits_backend_errors", "Failed calls to the limits backend", "errors"),
+            ("gateway_limits_backend_outages", "Times the limits backend became unreachable",
+             "outages"),
+            ("gateway_limits_backend_let_through", "Calls admitted without limits during "
+             "an outage (fail_open)", "let_through"),
+            ("gateway_limits_backend_refused", "Calls refused with 503 during an outage "
+             "(fail_closed)", "refused"),
+        ):  # fmt: skip
+            yield CounterMetricFamily(name, help_text, value=status[key])
 
 
 def metrics_handler(collector: GatewayCollector) -> Callable:

@@ -1,0 +1,371 @@
+"""Several replicas sharing their limits through a real Redis (Debian's redis-server on
+127.0.0.1): exact limits across processes, quotas that survive restarts, and the outage
+policy, with the official openai SDK as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+import redis.asyncio as redis_client
+import yaml
+
+from gateway import redis_limits
+from gateway.config import load_config
+from tests.conftest import RESEARCH_KEY, GatewayFactory, sha
+from tests.processes import free_port, wait_for_port
+from tests.services import RedisServer
+
+UPSTREAM_KEY = "sk-scale-out-upstream"
+REPO = Path(__file__).resolve().parents[1]
+MESSAGES = [{"role": "user", "content": "Say hi"}]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+async def _empty_redis(redis_server: RedisServer) -> AsyncIterator[None]:
+    async with redis_client.Redis.from_url(redis_server.url) as client:
+        await client.flushall()
+    yield
+
+
+class Replicas:
+    """A fake upstream and N `serve` processes with one config, sharing Redis."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, team_limits: str, count: int = 3):
+        self.tmp_path = tmp_path
+        self.env = {**os.environ, "SO_UPSTREAM_KEY": UPSTREAM_KEY,
+                    "FAKE_UPSTREAM_KEY": UPSTREAM_KEY}  # fmt: skip
+        fake_port = free_port()
+        self.fake = self._start("fake", ["fake-upstream", "--port", str(fake_port)], fake_port)
+        self.ports = [free_port() for _ in range(count)]
+        self.processes: list[subprocess.Popen] = []
+        for index, port in enumerate(self.ports):
+            config = tmp_path / f"replica-{index}.yaml"
+            config.write_text(
+                textwrap.dedent(
+                    f"""\
+                    listen: {{host: 127.0.0.1, port: {port}}}
+                    upstream:
+                      base_url: http://127.0.0.1:{fake_port}/v1
+                      api_key_env: SO_UPSTREAM_KEY
+                    storage: {{sqlite_path: {tmp_path}/ledger-{index}.sqlite3,
+                              flush_interval_ms: 50}}
+                    limits: {{backend: redis, redis_url: "{redis_url}"}}
+                    pricing: {{models: {{gpt-4o-mini: {{input: 0.15, output: 0.60}}}}}}
+                    teams:
+                      research:
+                        limits: {team_limits}
+                        keys:
+                          - id: research-dev
+                            sha256: {sha(RESEARCH_KEY)}
+                    """
+                )
+            )
+            self.processes.append(self._serve(index))
+
+    def _serve(self, index: int) -> subprocess.Popen:
+        args = ["serve", "--config", str(self.tmp_path / f"replica-{index}.yaml")]
+        return self._start(f"replica-{index}", args, self.ports[index])
+
+    def _start(self, name: str, args: list[str], port: int) -> subprocess.Popen:
+        log = self.tmp_path / f"{name}.log"
+        with log.open("a") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", *args],
+                env=self.env, stdout=output, stderr=output,
+            )  # fmt: skip
+        wait_for_port(port, process, log)
+        return process
+
+    def restart(self, index: int) -> None:
+        self._stop(self.processes[index])
+        self.processes[index] = self._serve(index)
+
+    def client(self, index: int) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{self.ports[index]}/v1",
+            api_key=RESEARCH_KEY,
+            max_retries=0,
+        )
+
+    async def call(self, index: int) -> int:
+        """One chat call through replica `index`; its HTTP status."""
+        async with self.client(index) as client:
+            try:
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            except openai.APIStatusError as exc:
+                return exc.status_code
+        return 200
+
+    @staticmethod
+    def _stop(process: subprocess.Popen) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def stop(self) -> None:
+        for process in [*self.processes, self.fake]:
+            self._stop(process)
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, redis_server: RedisServer) -> Iterator[object]:
+    started: list[Replicas] = []
+
+    def start(team_limits: str) -> Replicas:
+        started.append(Replicas(tmp_path, redis_server.url, team_limits))
+        return started[-1]
+
+    yield start
+    for stack in started:
+        stack.stop()
+
+
+async def test_three_replicas_let_exactly_the_per_minute_limit_through(replicas) -> None:
+    stack = replicas("{requests_per_minute: 30}")
+    # 90 calls at once, 30 to each replica: the team's 30 per minute hold across all three.
+    statuses = await asyncio.gather(*(stack.call(i % 3) for i in range(90)))
+    assert Counter(statuses) == {200: 30, 429: 60}
+
+
+async def test_a_daily_quota_survives_restarting_any_replica(replicas) -> None:
+    stack = replicas("{requests_per_day: 10}")
+    assert [await stack.call(0) for _ in range(4)] == [200] * 4
+    assert [await stack.call(1) for _ in range(3)] == [200] * 3
+    stack.restart(0)
+    stack.restart(2)
+    assert [await stack.call(2) for _ in range(5)] == [200, 200, 200, 429, 429]
+    assert await stack.call(0) == 429
+    assert await stack.call(1) == 429
+
+
+async def test_max_concurrent_holds_across_replicas(replicas) -> None:
+    stack = replicas("{max_concurrent: 2}")
+
+    async def slow_call(index: int) -> int:
+        async with stack.client(index) as client:
+            try:
+                await client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=MESSAGES,
+                    extra_headers={"x-fake-fault": "latency_ms=1000"},
+                )
+            except openai.APIStatusError as exc:
+                return exc.status_code
+        return 200
+
+    statuses = await asyncio.gather(*(slow_call(i % 3) for i in range(6)))
+    assert Counter(statuses) == {200: 2, 429: 4}
+    # The slots were given back when the calls ended, on whichever replica they ran.
+    assert Counter(await asyncio.gather(*(slow_call(i) for i in (1, 2)))) == {200: 2}
+
+
+# ------------------------------------------------------------ in-process replicas
+
+
+def shared_limits(url: str, policy: str = "fail_closed") -> str:
+    return f'limits: {{backend: redis, redis_url: "{url}", on_backend_error: {policy}}}\n'
+
+
+def teams(limits: str) -> str:
+    return f"""
+  research:
+    limits: {limits}
+    keys:
+      - id: research-dev
+        sha256: {sha(RESEARCH_KEY)}
+"""
+
+
+async def chat(gateway) -> openai.types.chat.ChatCompletion:
+    return await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+async def test_rate_headers_show_what_every_replica_used(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    shared = shared_limits(redis_server.url)
+    first = await make_gateway(teams=teams("{requests_per_minute: 30}"), extra_yaml=shared)
+    second = await make_gateway(teams=teams("{requests_per_minute: 30}"), extra_yaml=shared)
+    for _ in range(5):
+        await chat(first)
+    raw = await second.client().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES
+    )
+    assert raw.headers["x-ratelimit-limit-requests"] == "30"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "24"
+
+
+async def test_quotas_settle_to_the_tokens_and_cost_really_used(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gateway = await make_gateway(
+        teams=teams("{tokens_per_day: 100000, spend_per_day_usd: 10}"),
+        extra_yaml=shared_limits(redis_server.url),
+    )
+    await gateway.client().chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=500
+    )
+    (row,) = await gateway.rows()
+    await asyncio.sleep(0.1)  # the settle runs just after the row is appended
+    async with redis_client.Redis.from_url(redis_server.url) as client:
+        tokens_key = (await client.keys("mgw:team:research:tokens_per_day:*"))[0]
+        spend_key = (await client.keys("mgw:team:research:spend_per_day_nanousd:*"))[0]
+        assert int(await client.get(tokens_key)) == row["input_tokens"] + row["output_tokens"]
+        assert int(await client.get(spend_key)) == row["cost_nanousd"] > 0
+        # The counter expires an hour after its day ends, not before.
+        assert 3600 < await client.ttl(tokens_key) <= 86400 + 3600 + 3600
+
+
+async def test_fail_closed_refuses_with_503_while_redis_is_down_and_recovers(
+    make_gateway: GatewayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        gateway = await make_gateway(
+            teams=teams("{requests_per_day: 100}"), extra_yaml=shared_limits(server.url)
+        )
+        await chat(gateway)
+        server.kill()
+        for _ in range(3):
+            with pytest.raises(openai.APIStatusError) as refused:
+                await chat(gateway)
+            assert refused.value.status_code == 503
+            assert refused.value.response.headers["retry-after"] == "1"
+            assert refused.value.body == {
+                "message": "The gateway cannot reach its limits backend, so it cannot check "
+                "this call's limits; the call was not forwarded. Please retry shortly.",
+                "type": "server_error",
+                "param": None,
+                "code": "limits_unavailable",
+            }
+        metrics = await _metrics(gateway)
+        assert "gateway_limits_backend_up 0.0" in metrics
+        assert "gateway_limits_backend_refused_total 3.0" in metrics
+        outage_logs = [r for r in caplog.records if "limits backend unreachable" in r.message]
+        assert len(outage_logs) == 1
+
+        server = server.restart()
+        await asyncio.sleep(1.1)  # the pause before Redis is tried again
+        await chat(gateway)
+        assert "gateway_limits_backend_up 1.0" in await _metrics(gateway)
+        assert any("limits backend reachable again" in r.message for r in caplog.records)
+        rows = await gateway.rows()
+        assert [(r["status"], r["outcome"], r["error_code"]) for r in rows] == [
+            (200, "ok", None),
+            *[(503, "rejected", "limits_unavailable")] * 3,
+            (200, "ok", None),
+        ]
+    finally:
+        server.stop()
+
+
+async def test_fail_open_lets_calls_through_unlimited_while_redis_is_down(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        gateway = await make_gateway(
+            teams=teams("{requests_per_day: 1}"),
+            extra_yaml=shared_limits(server.url, "fail_open"),
+        )
+        await chat(gateway)
+        with pytest.raises(openai.RateLimitError):
+            await chat(gateway)
+        server.kill()
+        for _ in range(2):
+            await chat(gateway)
+        metrics = await _metrics(gateway)
+        assert "gateway_limits_backend_up 0.0" in metrics
+        assert "gateway_limits_backend_let_through_total 2.0" in metrics
+        # Back: the day's counter was lost with Redis's memory; the quota starts again from
+        # what this replica's ledger says was used today (1 call admitted, 2 let through).
+        server = server.restart()
+        await asyncio.sleep(1.1)
+        with pytest.raises(openai.RateLimitError):
+            await chat(gateway)
+    finally:
+        server.stop()
+
+
+async def _metrics(gateway) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(str(gateway.server.make_url("/metrics"))) as response,
+    ):
+        return await response.text()
+
+
+async def test_a_slot_is_held_while_its_call_runs_and_freed_when_its_replica_dies(
+    make_gateway: GatewayFactory, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_limits, "LEASE_S", 1)
+    shared = shared_limits(redis_server.url)
+    first = await make_gateway(teams=teams("{max_concurrent: 1}"), extra_yaml=shared)
+    second = await make_gateway(teams=teams("{max_concurrent: 1}"), extra_yaml=shared)
+    # A call longer than the lease keeps its slot: its replica renews the lease meanwhile.
+    slow = asyncio.create_task(
+        first.client().chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            extra_headers={"x-fake-fault": "latency_ms=2500"},
+        )
+    )
+    await asyncio.sleep(2)
+    with pytest.raises(openai.RateLimitError, match="Too many concurrent requests"):
+        await chat(second)
+    await slow
+    await asyncio.sleep(0.1)  # its settle frees the slot
+    await chat(second)
+    # A lease left by a replica that died mid-call runs out on its own.
+    async with redis_client.Redis.from_url(redis_server.url) as client:
+        (now, _) = await client.time()
+        await client.zadd("mgw:team:research:max_concurrent", {"dead-replica-call": now + 1})
+        with pytest.raises(openai.RateLimitError):
+            await chat(second)
+        await asyncio.sleep(1.2)
+        await chat(second)
+
+
+def test_the_replicas_compose_file_shares_redis_and_postgres(tmp_path: Path) -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.replicas.yml").read_text())
+    services = compose["services"]
+    gateways = [name for name in services if name.startswith("gateway-")]
+    assert len(gateways) == 3
+    for name in gateways:
+        service = services[name]
+        assert service["networks"]["default"]["aliases"] == ["gateway"]
+        assert set(service["depends_on"]) == {"redis", "postgres"}
+        assert service["environment"]["GATEWAY_PG_DSN"].startswith("postgresql://gateway:")
+    content = compose["configs"]["gateway_config"]["content"]
+    content = re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", content)  # compose's defaults
+    pricing = REPO / "config" / "pricing.yaml"
+    content = content.replace("/etc/metering-gateway/pricing.yaml", str(pricing))
+    (tmp_path / "gateway.yaml").write_text(content)
+    config = load_config(tmp_path / "gateway.yaml")
+    assert config.storage.backend == "postgres"
+    assert config.limits_backend.backend == "redis"
+    assert config.limits_backend.redis_url == "redis://redis:6379/0"
+    assert config.teams["app"].limits.requests_per_minute == 60
