@@ -23,12 +23,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-
-import redis.asyncio as redis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
+from functools import partial
 
 from gateway.config import GatewayConfig
 from gateway.errors import LIMITS_UNAVAILABLE, GatewayError
@@ -46,6 +43,7 @@ from gateway.limits import (
     quota_refusal,
     rate_refusal,
 )
+from gateway.redis_client import Execute, RedisClient, RedisReplyError, RedisUnavailable, Script
 
 log = logging.getLogger("gateway.limits")
 
@@ -60,7 +58,7 @@ QUOTA_GRACE_S = 3600
 # is not answering. While it is down, calls do not each wait for it; it is retried this often.
 TIMEOUT_S = 0.5
 RETRY_AFTER_S = 1.0
-_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+_ERRORS = (RedisUnavailable, RedisReplyError, OSError, TimeoutError)
 
 # Shared by the scripts: Redis's clock, and a bucket's level refilled up to it (a bucket
 # with no key is full: keys expire once their bucket would have refilled).
@@ -185,10 +183,23 @@ class Window:
     key: str
     kind: str  # "rate", "quota" or "slots"
     limit: int
-    amount: int  # what the call reserves from it
     meter: Meter
     source: TokenBucket | Quota | None = None  # the local mirror (None for slots)
     expire_at: int = 0
+
+    def amount(self, draw: Draw) -> int:
+        return draw.of(self.source.kind) if self.source is not None else 1
+
+
+@dataclass(slots=True)
+class Plan:
+    """The windows of one key and its team, valid until the first of their quota windows
+    ends (a new window is a new counter)."""
+
+    windows: list[Window]
+    keys: list[str]
+    valid_until: float
+    holds_slots: bool
 
 
 @dataclass(slots=True)
@@ -196,7 +207,7 @@ class Ticket:
     """What settling a call in Redis needs: its lease name and its windows."""
 
     member: str
-    windows: list[Window]
+    plan: Plan
 
 
 @dataclass
@@ -255,54 +266,64 @@ class RedisLimiter(Limiter):
 
     poll_interval_s = 0.05
 
-    def __init__(self, config: GatewayConfig, client: redis.Redis | None = None) -> None:
+    def __init__(self, config: GatewayConfig) -> None:
         super().__init__(config)
         settings = config.limits_backend
-        self.redis = client or redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=TIMEOUT_S,
-            socket_connect_timeout=TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        self.redis = RedisClient(settings.redis_url, TIMEOUT_S, on_connect=self._on_connect)
         self.health = BackendHealth(settings.on_backend_error)
-        self._admit_script = self.redis.register_script(_ADMIT)
-        self._settle_script = self.redis.register_script(_SETTLE)
-        self._read_script = self.redis.register_script(_READ)
-        self._renew_script = self.redis.register_script(_RENEW)
+        self._admit, self._settle = Script(_ADMIT), Script(_SETTLE)
+        self._read, self._renew = Script(_READ), Script(_RENEW)
         self._leases: dict[str, Ticket] = {}
-        self._settling: set[asyncio.Task[None]] = set()
+        self._retries: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._names = (f"{os.getpid()}-{time.time_ns()}-{n}" for n in itertools.count())
-        self._recovering = asyncio.Lock()
         self._usage: UsageSource | None = None
 
     def apply(self, config: GatewayConfig) -> None:
         super().apply(config)
+        self._plans: dict[tuple[int, ...], Plan] = {}
         if hasattr(self, "health"):
             self.health.policy = config.limits_backend.on_backend_error
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, usage: UsageSource) -> None:
-        """Connect, and start quota counters Redis does not hold from the ledger; usage is
-        asked again whenever Redis comes back, since a restarted Redis may have lost them."""
+        """Connect (which loads the scripts and starts the quota counters Redis lacks from
+        the ledger: see `_on_connect`) and renew leases from now on."""
         self._usage = usage
         try:
-            await self.redis.ping()
-            await self._seed(await usage())
+            await self.redis.execute(b"PING")
         except _ERRORS as exc:
             self.health.failed(exc, time.monotonic())
         self._renewer = asyncio.create_task(self._renew_leases(), name="limits-leases")
+
+    async def _on_connect(self, execute: Execute) -> None:
+        """Every new connection may reach a Redis that restarted empty: load the scripts, and
+        restore the current windows' quota counters from the ledger where Redis has none."""
+        scripts = (self._admit, self._settle, self._read, self._renew)
+        await asyncio.gather(*(execute(b"SCRIPT", b"LOAD", s.source) for s in scripts))
+        if self._usage is None:
+            return
+        try:
+            usage = await self._usage()
+        except Exception:
+            log.exception("could not read the ledger to restore quota counters in Redis")
+            return
+        await asyncio.gather(
+            *(
+                execute(b"SET", key, value, b"NX", b"EXAT", expire_at)
+                for key, value, expire_at in self._seed_commands(usage)
+            )
+        )
 
     async def close(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
-        if self._settling:
-            await asyncio.wait(self._settling, timeout=2 * TIMEOUT_S)
-        await self.redis.aclose()
+        if self._retries:
+            await asyncio.wait(self._retries, timeout=2 * TIMEOUT_S)
+        await self.redis.close(wait_s=2 * TIMEOUT_S)
 
     def backend_status(self) -> dict[str, object]:
         return {
@@ -316,98 +337,84 @@ class RedisLimiter(Limiter):
     # ------------------------------------------------------------ admission
 
     async def _take(self, meters: tuple[Meter, ...], draw: Draw) -> tuple[Refusal | None, object]:
-        windows = self._windows(meters, draw)
-        if not windows:
+        plan = self._plan(meters)
+        if not plan.windows:
             return None, None
-        if not self.health.up and not await self._recover():
+        if not self.health.worth_trying(time.monotonic()):
             return self._unavailable()
         member = next(self._names)
         arguments: list[object] = [member, LEASE_S]
-        for window in windows:
-            arguments += (window.kind, window.limit, window.amount, window.expire_at)
+        for window in plan.windows:
+            arguments += (window.kind, window.limit, window.amount(draw), window.expire_at)
         try:
-            reply = await self._admit_script([w.key for w in windows], arguments)
+            reply = await self.redis.run(self._admit, plan.keys, arguments)
         except _ERRORS as exc:
             self.health.failed(exc, time.monotonic())
             return self._unavailable()
-        self.health.succeeded(time.monotonic())
+        if not self.health.up:
+            self.health.succeeded(time.monotonic())
+        assert isinstance(reply, list)
         refused_at = int(reply[0])
         if refused_at:
-            window = windows[refused_at - 1]
-            self._mirror(window, float(reply[2]), taken=False)
-            return self._refusal(window, float(reply[1])), None
-        for window, seen in zip(windows, reply[1:], strict=True):
-            self._mirror(window, float(seen), taken=True)
-        ticket = Ticket(member, windows)
-        if any(window.kind == "slots" for window in windows):
+            window = plan.windows[refused_at - 1]
+            self._mirror(window, float(reply[2]), 0)
+            return self._refusal(window, window.amount(draw), float(reply[1])), None
+        for window, seen in zip(plan.windows, reply[1:], strict=True):
+            self._mirror(window, float(seen), window.amount(draw))
+        ticket = Ticket(member, plan)
+        if plan.holds_slots:
             self._leases[member] = ticket
         return None, ticket
 
-    async def _recover(self) -> bool:
-        """After an outage: is Redis back? If so, restore its quota counters first."""
-        async with self._recovering:
-            if self.health.up:
-                return True
-            if not self.health.worth_trying(time.monotonic()):
-                return False
-            try:
-                await self.redis.ping()
-                if self._usage is not None:
-                    await self._seed(await self._usage())
-            except _ERRORS as exc:
-                self.health.failed(exc, time.monotonic())
-                return False
-            self.health.succeeded(time.monotonic())
-            return True
-
-    def _windows(self, meters: tuple[Meter, ...], draw: Draw) -> list[Window]:
-        """Every window of `meters`, in the order the in-process limiter checks them."""
+    def _plan(self, meters: tuple[Meter, ...]) -> Plan:
+        """The windows of `meters`, in the order the in-process limiter checks them."""
         wall = self.wall_clock()
-        windows = []
+        cache_key = tuple(map(id, meters))
+        plan = self._plans.get(cache_key)
+        if plan is not None and wall < plan.valid_until:
+            return plan
+        windows, valid_until = [], math.inf
         for meter in meters:
             prefix = f"{KEY_PREFIX}{meter.scope}:{meter.name}:"
             if meter.max_concurrent is not None:
                 windows.append(
-                    Window(prefix + "max_concurrent", "slots", meter.max_concurrent, 1, meter)
+                    Window(prefix + "max_concurrent", "slots", meter.max_concurrent, meter)
                 )
             for bucket in meter.rates:
-                amount = draw.of(bucket.kind)
-                windows.append(
-                    Window(prefix + bucket.name, "rate", bucket.limit, amount, meter, bucket)
-                )
+                windows.append(Window(prefix + bucket.name, "rate", bucket.limit, meter, bucket))
             for quota in meter.quotas:
                 quota.roll(self.calendar, wall)
                 start, end = self.calendar.window(quota.period, wall)
-                windows.append(
-                    Window(
-                        f"{prefix}{quota.name}:{int(start)}",
-                        "quota",
-                        quota.limit,
-                        draw.of(quota.kind),
-                        meter,
-                        quota,
-                        int(end) + QUOTA_GRACE_S,
-                    )
-                )
-        return windows
+                valid_until = min(valid_until, end)
+                key = f"{prefix}{quota.name}:{int(start)}"
+                expire_at = int(end) + QUOTA_GRACE_S
+                windows.append(Window(key, "quota", quota.limit, meter, quota, expire_at))
+        plan = Plan(
+            windows,
+            [window.key for window in windows],
+            valid_until,
+            any(window.kind == "slots" for window in windows),
+        )
+        self._plans[cache_key] = plan
+        return plan
 
-    def _mirror(self, window: Window, seen: float, *, taken: bool) -> None:
+    def _mirror(self, window: Window, seen: float, taken: int) -> None:
         """Keep the local meter in step with what Redis said, for headers and reports."""
-        taken_amount = window.amount if taken else 0
         source = window.source
         if isinstance(source, TokenBucket):
-            source.level = seen - taken_amount
+            source.level = seen - taken
             source.updated = self.clock()
         elif isinstance(source, Quota):
-            source.used = int(seen) + taken_amount
+            source.used = int(seen) + taken
         else:
-            window.meter.active = int(seen) + (1 if taken else 0)
+            window.meter.active = int(seen) + taken
 
-    def _refusal(self, window: Window, wait: float) -> Refusal:
+    def _refusal(self, window: Window, amount: int, wait: float) -> Refusal:
         source, meter = window.source, window.meter
         if isinstance(source, TokenBucket):
-            return rate_refusal(meter, source, window.amount, wait if wait >= 0 else math.inf)
+            return rate_refusal(meter, source, amount, wait if wait >= 0 else math.inf)
         if isinstance(source, Quota):
+            source.roll(self.calendar, self.wall_clock())
             left = source.window_end - self.wall_clock()
             return quota_refusal(meter, source, left, self.calendar.zone)
         return concurrency_refusal(meter)
@@ -433,24 +440,45 @@ class RedisLimiter(Limiter):
         ticket = admission.ticket
         if isinstance(ticket, Ticket):
             self._leases.pop(ticket.member, None)
-            task = asyncio.create_task(self._settle_remote(ticket, admission.reserved, actual))
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+            self._settle_remote(ticket, admission.reserved, actual)
         self._notify(admission.team)
 
-    async def _settle_remote(self, ticket: Ticket, reserved: Draw, actual: Draw) -> None:
+    def _settle_remote(self, ticket: Ticket, reserved: Draw, actual: Draw) -> None:
+        """Send the settle without awaiting it: nothing waits on its reply but errors."""
         arguments: list[object] = [ticket.member]
-        for window in ticket.windows:
+        for window in ticket.plan.windows:
             change = 0
             if window.source is not None:
                 kind = window.source.kind
                 change = actual.of(kind) - reserved.of(kind)
             arguments += (window.kind, window.limit, change)
-        try:
-            await self._settle_script([w.key for w in ticket.windows], arguments)
-        except _ERRORS as exc:
+        keys = ticket.plan.keys
+        sent = self.redis.send(b"EVALSHA", self._settle.sha, len(keys), *keys, *arguments)
+        if sent is None:
+            self._retry(self.redis.run(self._settle, keys, arguments))
+        else:
+            sent.add_done_callback(partial(self._settled, keys, arguments))
+
+    def _settled(self, keys: list[str], arguments: list[object], sent: asyncio.Future) -> None:
+        error = None if sent.cancelled() else sent.exception()
+        if error is None:
+            return
+        if isinstance(error, RedisReplyError) and str(error).startswith("NOSCRIPT"):
+            self._retry(self.redis.run(self._settle, keys, arguments))
+        else:
             # The reservation stays taken (the safe side) and the lease runs out by itself.
-            self.health.failed(exc, time.monotonic())
+            self.health.failed(error, time.monotonic())
+
+    def _retry(self, settling: Coroutine[object, object, object]) -> None:
+        async def run() -> None:
+            try:
+                await settling
+            except _ERRORS as exc:
+                self.health.failed(exc, time.monotonic())
+
+        task = asyncio.create_task(run())
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     async def _renew_leases(self) -> None:
         while True:
@@ -458,38 +486,37 @@ class RedisLimiter(Limiter):
             slots = [
                 (window.key, ticket.member)
                 for ticket in list(self._leases.values())
-                for window in ticket.windows
+                for window in ticket.plan.windows
                 if window.kind == "slots"
             ]
             if not slots:
                 continue
+            keys, members = zip(*slots, strict=True)
             try:
-                keys, members = zip(*slots, strict=True)
-                await self._renew_script(keys, [LEASE_S, *members])
+                await self.redis.run(self._renew, list(keys), [LEASE_S, *members])
             except _ERRORS as exc:
                 self.health.failed(exc, time.monotonic())
 
     # ------------------------------------------------------------ reporting
 
     async def refresh(self, meters: tuple[Meter, ...]) -> None:
-        windows = self._windows(meters, Draw(requests=0))
-        if not windows or not self.health.worth_trying(time.monotonic()):
+        plan = self._plan(meters)
+        if not plan.windows or not self.health.worth_trying(time.monotonic()):
             return
         arguments: list[object] = []
-        for window in windows:
+        for window in plan.windows:
             arguments += (window.kind, window.limit)
         try:
-            reply = await self._read_script([w.key for w in windows], arguments)
+            reply = await self.redis.run(self._read, plan.keys, arguments)
         except _ERRORS as exc:
             self.health.failed(exc, time.monotonic())
             return
-        self.health.succeeded(time.monotonic())
-        for window, seen in zip(windows, reply, strict=True):
-            self._mirror(window, float(seen), taken=False)
+        assert isinstance(reply, list)
+        for window, seen in zip(plan.windows, reply, strict=True):
+            self._mirror(window, float(seen), 0)
 
-    async def _seed(self, totals: Usage) -> None:
-        """Start the quota counters Redis does not hold (a new or restarted Redis, or the
-        switch from in-process limits); the counters it holds are the truth and stay."""
+    def _seed_commands(self, totals: Usage) -> list[tuple[str, int, int]]:
+        """(key, used, expiry) of each current quota window the ledger has usage for."""
         wall = self.wall_clock()
         commands = []
         for (scope, name), used in totals.items():
@@ -502,9 +529,4 @@ class RedisLimiter(Limiter):
                 start, end = self.calendar.window(quota.period, wall)
                 key = f"{KEY_PREFIX}{scope}:{name}:{quota.name}:{int(start)}"
                 commands.append((key, used[quota.period].of(quota.kind), int(end) + QUOTA_GRACE_S))
-        if not commands:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, value, expire_at in commands:
-                pipe.set(key, value, nx=True, exat=expire_at)
-            await pipe.execute()
+        return commands

@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import sqlite3
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from gateway.app import HANDLER, LEDGER, build_app
 from gateway.config import GatewayConfig, load_config
 from gateway.fake_upstream import FakeState, build_fake_app
+from tests.services import PostgresServer
 
 UPSTREAM_KEY = "sk-upstream-real-key-never-leaks-0123456789"
 RESEARCH_KEY = "mgw-test-research-secret"
@@ -82,6 +83,15 @@ class Gateway:
 def _upstream_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
     monkeypatch.setenv("FAKE_UPSTREAM_KEY", UPSTREAM_KEY)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL (Debian's package) on 127.0.0.1, shared by the session's tests;
+    each test takes a database of its own (`PostgresServer.new_database`)."""
+    server = PostgresServer.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

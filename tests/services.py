@@ -7,6 +7,7 @@ tests with the package to install, rather than skipping them quietly.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -16,6 +17,8 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +95,10 @@ class RedisServer(Server):
         return cls(process, port, directory, log)
 
     def restart(self) -> RedisServer:
+        """Killed and started again on the same port, empty (nothing is saved)."""
         self.kill()
-        return RedisServer.start(self.directory, self.port)
+        self.process = RedisServer.start(self.directory, self.port).process
+        return self
 
 
 class PostgresServer(Server):
@@ -183,6 +188,16 @@ class PostgresServer(Server):
             if time.monotonic() > deadline:  # still starting up ("the database system is
                 raise RuntimeError(done.stderr)  # starting up") for too long
             time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def new_database(self) -> Iterator[str]:
+        """A new, empty database for one test: its DSN; dropped afterwards."""
+        name = f"test_{uuid.uuid4().hex[:12]}"
+        self.psql(f"CREATE DATABASE {name}")
+        try:
+            yield f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
+        finally:
+            self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def psql(self, sql: str) -> str:
         """One query's result as psql prints it unaligned (`-At`)."""

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,27 +59,13 @@ RUN_SPECIFIC = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    server = PostgresServer.start()
-    yield server
-    server.stop()
-
-
-def _database_dsn(server: PostgresServer, name: str) -> str:
-    return f"postgresql://{server.user}@127.0.0.1:{server.port}/{name}"
-
-
 @pytest.fixture
 def pg_dsn(postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh database for one test, its DSN in $TEST_GATEWAY_PG_DSN."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    postgres_server.psql(f"CREATE DATABASE {name}")
-    dsn = _database_dsn(postgres_server, name)
-    monkeypatch.setenv(DSN_ENV, dsn)
-    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
-    yield dsn
-    postgres_server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with postgres_server.new_database() as dsn:
+        monkeypatch.setenv(DSN_ENV, dsn)
+        monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
+        yield dsn
 
 
 def write_config(folder: Path, backend: str, upstream_url: str, port: int = 8787) -> Path:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import openai
 import pytest
 import redis.asyncio as redis_client
@@ -25,7 +26,7 @@ from gateway import redis_limits
 from gateway.config import load_config
 from tests.conftest import RESEARCH_KEY, GatewayFactory, sha
 from tests.processes import free_port, wait_for_port
-from tests.services import RedisServer
+from tests.services import PostgresServer, RedisServer
 
 UPSTREAM_KEY = "sk-scale-out-upstream"
 REPO = Path(__file__).resolve().parents[1]
@@ -49,13 +50,16 @@ async def _empty_redis(redis_server: RedisServer) -> AsyncIterator[None]:
 class Replicas:
     """A fake upstream and N `serve` processes with one config, sharing Redis."""
 
-    def __init__(self, tmp_path: Path, redis_url: str, team_limits: str, count: int = 3):
+    def __init__(
+        self, tmp_path: Path, redis_url: str, pg_dsn: str, team_limits: str, count: int = 3
+    ) -> None:
         self.tmp_path = tmp_path
         self.env = {**os.environ, "SO_UPSTREAM_KEY": UPSTREAM_KEY,
-                    "FAKE_UPSTREAM_KEY": UPSTREAM_KEY}  # fmt: skip
+                    "FAKE_UPSTREAM_KEY": UPSTREAM_KEY, "SO_PG_DSN": pg_dsn}  # fmt: skip
         fake_port = free_port()
         self.fake = self._start("fake", ["fake-upstream", "--port", str(fake_port)], fake_port)
         self.ports = [free_port() for _ in range(count)]
+        self.request_ids: list[str] = []
         self.processes: list[subprocess.Popen] = []
         for index, port in enumerate(self.ports):
             config = tmp_path / f"replica-{index}.yaml"
@@ -66,8 +70,7 @@ class Replicas:
                     upstream:
                       base_url: http://127.0.0.1:{fake_port}/v1
                       api_key_env: SO_UPSTREAM_KEY
-                    storage: {{sqlite_path: {tmp_path}/ledger-{index}.sqlite3,
-                              flush_interval_ms: 50}}
+                    storage: {{backend: postgres, dsn_env: SO_PG_DSN, flush_interval_ms: 50}}
                     limits: {{backend: redis, redis_url: "{redis_url}"}}
                     pricing: {{models: {{gpt-4o-mini: {{input: 0.15, output: 0.60}}}}}}
                     teams:
@@ -110,9 +113,13 @@ class Replicas:
         """One chat call through replica `index`; its HTTP status."""
         async with self.client(index) as client:
             try:
-                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+                raw = await client.chat.completions.with_raw_response.create(
+                    model="gpt-4o-mini", messages=MESSAGES
+                )
             except openai.APIStatusError as exc:
+                self.request_ids.append(exc.response.headers["x-gateway-request-id"])
                 return exc.status_code
+        self.request_ids.append(raw.headers["x-gateway-request-id"])
         return 200
 
     @staticmethod
@@ -129,18 +136,31 @@ class Replicas:
         for process in [*self.processes, self.fake]:
             self._stop(process)
 
+    async def ledger(self) -> list[tuple[int, str, str]]:
+        """(status, outcome, request_id) of every row in the shared Postgres ledger."""
+        connection = await asyncpg.connect(self.env["SO_PG_DSN"])
+        try:
+            rows = await connection.fetch("SELECT status, outcome, request_id FROM requests")
+        finally:
+            await connection.close()
+        return [tuple(row) for row in rows]
+
 
 @pytest.fixture
-def replicas(tmp_path: Path, redis_server: RedisServer) -> Iterator[object]:
+def replicas(
+    tmp_path: Path, redis_server: RedisServer, postgres_server: PostgresServer
+) -> Iterator[object]:
+    """Starts three replicas on the shared Redis and a new Postgres database."""
     started: list[Replicas] = []
+    with postgres_server.new_database() as dsn:
 
-    def start(team_limits: str) -> Replicas:
-        started.append(Replicas(tmp_path, redis_server.url, team_limits))
-        return started[-1]
+        def start(team_limits: str) -> Replicas:
+            started.append(Replicas(tmp_path, redis_server.url, dsn, team_limits))
+            return started[-1]
 
-    yield start
-    for stack in started:
-        stack.stop()
+        yield start
+        for stack in started:
+            stack.stop()
 
 
 async def test_three_replicas_let_exactly_the_per_minute_limit_through(replicas) -> None:
@@ -148,6 +168,13 @@ async def test_three_replicas_let_exactly_the_per_minute_limit_through(replicas)
     # 90 calls at once, 30 to each replica: the team's 30 per minute hold across all three.
     statuses = await asyncio.gather(*(stack.call(i % 3) for i in range(90)))
     assert Counter(statuses) == {200: 30, 429: 60}
+    stack.stop()  # SIGTERM: each replica flushes what it still holds
+    rows = await stack.ledger()
+    assert sorted(request_id for _, _, request_id in rows) == sorted(stack.request_ids)
+    assert Counter((status, outcome) for status, outcome, _ in rows) == {
+        (200, "ok"): 30,
+        (429, "rejected"): 60,
+    }
 
 
 async def test_a_daily_quota_survives_restarting_any_replica(replicas) -> None:
@@ -159,6 +186,22 @@ async def test_a_daily_quota_survives_restarting_any_replica(replicas) -> None:
     assert [await stack.call(2) for _ in range(5)] == [200, 200, 200, 429, 429]
     assert await stack.call(0) == 429
     assert await stack.call(1) == 429
+    stack.stop()
+    rows = await stack.ledger()
+    assert len(rows) == 4 + 3 + 5 + 2 == len(stack.request_ids)
+    assert Counter(status for status, _, _ in rows) == {200: 10, 429: 4}
+
+
+async def test_quotas_come_back_from_the_shared_ledger_when_redis_restarts_empty(
+    replicas, redis_server: RedisServer
+) -> None:
+    stack = replicas("{requests_per_day: 10}")
+    assert [await stack.call(i % 3) for i in range(6)] == [200] * 6
+    await asyncio.sleep(0.2)  # the rows reach Postgres (flushed every 50 ms)
+    redis_server.restart()  # same port, empty: the counters are gone
+    await asyncio.sleep(1.2)  # each replica tries Redis again after its pause
+    statuses = [await stack.call(i % 3) for i in range(6)]
+    assert statuses == [200] * 4 + [429] * 2
 
 
 async def test_max_concurrent_holds_across_replicas(replicas) -> None:
@@ -207,8 +250,9 @@ async def test_rate_headers_show_what_every_replica_used(
     make_gateway: GatewayFactory, redis_server: RedisServer
 ) -> None:
     shared = shared_limits(redis_server.url)
-    first = await make_gateway(teams=teams("{requests_per_minute: 30}"), extra_yaml=shared)
-    second = await make_gateway(teams=teams("{requests_per_minute: 30}"), extra_yaml=shared)
+    limits = "{requests_per_minute: 30, requests_per_day: 100}"
+    first = await make_gateway(teams=teams(limits), extra_yaml=shared)
+    second = await make_gateway(teams=teams(limits), extra_yaml=shared)
     for _ in range(5):
         await chat(first)
     raw = await second.client().chat.completions.with_raw_response.create(
@@ -216,6 +260,21 @@ async def test_rate_headers_show_what_every_replica_used(
     )
     assert raw.headers["x-ratelimit-limit-requests"] == "30"
     assert raw.headers["x-ratelimit-remaining-requests"] == "24"
+    # /gateway/me on the first replica asks Redis, so it counts the call the second made.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            str(first.server.make_url("/gateway/me")),
+            headers={"Authorization": f"Bearer {RESEARCH_KEY}"},
+        ) as response,
+    ):
+        limits = (await response.json())["limits"]
+    assert limits["requests_per_day"] == {
+        "limit": 100,
+        "used": 6,
+        "remaining": 94,
+        "resets_at": limits["requests_per_day"]["resets_at"],
+    }
 
 
 async def test_quotas_settle_to_the_tokens_and_cost_really_used(
@@ -267,7 +326,7 @@ async def test_fail_closed_refuses_with_503_while_redis_is_down_and_recovers(
         outage_logs = [r for r in caplog.records if "limits backend unreachable" in r.message]
         assert len(outage_logs) == 1
 
-        server = server.restart()
+        server.restart()
         await asyncio.sleep(1.1)  # the pause before Redis is tried again
         await chat(gateway)
         assert "gateway_limits_backend_up 1.0" in await _metrics(gateway)
@@ -302,7 +361,7 @@ async def test_fail_open_lets_calls_through_unlimited_while_redis_is_down(
         assert "gateway_limits_backend_let_through_total 2.0" in metrics
         # Back: the day's counter was lost with Redis's memory; the quota starts again from
         # what this replica's ledger says was used today (1 call admitted, 2 let through).
-        server = server.restart()
+        server.restart()
         await asyncio.sleep(1.1)
         with pytest.raises(openai.RateLimitError):
             await chat(gateway)

@@ -72,9 +72,10 @@ class UsageApi:
         key, team = caller.key, caller.team
         day_start, _ = self._limiter.calendar.window("day")
         month_start, _ = self._limiter.calendar.window("month")
-        today, month = await asyncio.gather(
+        today, month, _ = await asyncio.gather(
             spend_since(self.ledger, "key_id", key.id, day_start),
             spend_since(self.ledger, "key_id", key.id, month_start),
+            self._limiter.refresh(self._limiter.meters_for(key, team)),
         )
         return {
             "team": team.name,
