@@ -313,6 +313,14 @@ def _url(value: Any) -> str:
     return text.rstrip("/")
 
 
+def _redis_url(value: Any) -> str:
+    text = _string(value)
+    # Not echoed: the URL may hold a password.
+    if not re.match(r"^rediss?://[^/\s]+(/\d+)?/?$", text):
+        raise ValueError("must be a redis://[[user]:password@]host[:port][/db] or rediss:// URL")
+    return text
+
+
 def _date(value: Any) -> date:
     if isinstance(value, date):
         return value
@@ -582,7 +590,7 @@ SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "admin": {"key_env": _string},
     "limits": {
         "backend": _choice("memory", "redis"),
-        "redis_url": _string,
+        "redis_url": _redis_url,
         "on_backend_error": _choice("fail_closed", "fail_open"),
     },
 }

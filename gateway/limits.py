@@ -379,7 +379,11 @@ class Limiter:
     ) -> Admission:
         """`enforce: false`: let every call through, but account exactly as a rejecting team
         would: a call that would have been refused takes nothing and is marked instead."""
-        refusal, ticket = await self._take(meters, draw)
+        try:
+            refusal, ticket = await self._take(meters, draw)
+        except GatewayError:
+            # A shared backend that cannot be reached refuses nothing in shadow mode either.
+            return Admission(team.name, (), draw)
         if refusal is None:
             return Admission(team.name, meters, draw, ticket=ticket)
         return Admission(team.name, (), draw, shadow_rejected_by=refusal.window)

@@ -105,12 +105,20 @@ class GatewayProcess:
                 lambda: asyncio.ensure_future(old.close()),
             )
         handler.reconfigure(config)
-        if (config.listen.host, config.listen.port, config.storage) != (
-            self.config.listen.host,
-            self.config.listen.port,
+        restart_only = (
+            (config.listen.host, config.listen.port),
+            config.storage,
+            (config.limits_backend.backend, config.limits_backend.redis_url),
+        )
+        if restart_only != (
+            (self.config.listen.host, self.config.listen.port),
             self.config.storage,
+            (self.config.limits_backend.backend, self.config.limits_backend.redis_url),
         ):
-            log.warning("listen address and storage changes apply at the next restart")
+            log.warning(
+                "changes to the listen address, storage, limits.backend or limits.redis_url "
+                "apply at the next restart"
+            )
         self.config = config
         log.info("config reloaded from %s (%d teams)", self.config_path, len(config.teams))
         return True

@@ -78,7 +78,7 @@ class RedisServer(Server):
         return f"redis://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def start(cls, directory: Path, port: int | None = None) -> RedisServer:
+    def start(cls, directory: Path, port: int | None = None, *options: str) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: install Debian's 'redis-server' package")
@@ -88,7 +88,7 @@ class RedisServer(Server):
         with log.open("a") as output:
             process = subprocess.Popen(
                 [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-                 "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+                 "--save", "", "--appendonly", "no", "--protected-mode", "no", *options],
                 stdout=output, stderr=output,
             )  # fmt: skip
         _wait_for_port(port, process, log)

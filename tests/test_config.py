@@ -61,6 +61,7 @@ def test_every_problem_is_reported_with_its_line():
           base_url: ftp://example
           timeout: 5
         limits_timezone: Mars/Olympus
+        limits: {{backend: redis, redis_url: "http://:pw@cache:6379"}}
         teams:
           research:
             on_limit: drop
@@ -87,13 +88,15 @@ def test_every_problem_is_reported_with_its_line():
         "gw.yaml:3: upstream.base_url: 'ftp://example' is not an http(s) URL",
         "gw.yaml:4: upstream: unknown key 'timeout'",
         "gw.yaml:5: config.limits_timezone: 'Mars/Olympus' is not a known time zone",
-        "gw.yaml:8: teams.research.on_limit: must be one of: reject, queue",
-        "gw.yaml:10: teams.research.limits.requests_per_minute: must be >= 0",
-        "gw.yaml:11: teams.research.limits.spend_per_day_usd: 'ten' is not a number of USD",
-        "gw.yaml:15: duplicate key id 'a' (also in team research)",
-        "gw.yaml:18: teams.research.keys[2].sha256: must be the 64-character hex sha256 of the key",
-        "gw.yaml:21: key 'd' has the same sha256 as key 'a'",
-        "gw.yaml:23: teams.other.keys[0].expires: 'someday' is not a date (YYYY-MM-DD)",
+        "gw.yaml:6: limits.redis_url: must be a redis://[[user]:password@]host[:port][/db] "
+        "or rediss:// URL",
+        "gw.yaml:9: teams.research.on_limit: must be one of: reject, queue",
+        "gw.yaml:11: teams.research.limits.requests_per_minute: must be >= 0",
+        "gw.yaml:12: teams.research.limits.spend_per_day_usd: 'ten' is not a number of USD",
+        "gw.yaml:16: duplicate key id 'a' (also in team research)",
+        "gw.yaml:19: teams.research.keys[2].sha256: must be the 64-character hex sha256 of the key",
+        "gw.yaml:22: key 'd' has the same sha256 as key 'a'",
+        "gw.yaml:24: teams.other.keys[0].expires: 'someday' is not a date (YYYY-MM-DD)",
     ]
 
 

@@ -24,6 +24,7 @@ import yaml
 
 from gateway import redis_limits
 from gateway.config import load_config
+from gateway.redis_client import RedisAddress
 from tests.conftest import RESEARCH_KEY, GatewayFactory, sha
 from tests.processes import free_port, wait_for_port
 from tests.services import PostgresServer, RedisServer
@@ -428,3 +429,88 @@ def test_the_replicas_compose_file_shares_redis_and_postgres(tmp_path: Path) -> 
     assert config.limits_backend.backend == "redis"
     assert config.limits_backend.redis_url == "redis://redis:6379/0"
     assert config.teams["app"].limits.requests_per_minute == 60
+
+
+async def test_queued_calls_wait_for_a_slot_freed_on_another_replica(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    limits = "{max_concurrent: 1}\n    on_limit: queue\n    queue: {max_wait_s: 5}"
+    replicas = [
+        await make_gateway(teams=teams(limits), extra_yaml=shared_limits(redis_server.url))
+        for _ in range(3)
+    ]
+    started = asyncio.get_running_loop().time()
+    replies = await asyncio.gather(
+        *(
+            gateway.client().chat.completions.with_raw_response.create(
+                model="gpt-4o-mini",
+                messages=MESSAGES,
+                extra_headers={"x-fake-fault": "latency_ms=300"},
+            )
+            for gateway in replicas
+        )
+    )
+    elapsed = asyncio.get_running_loop().time() - started
+    assert [reply.http_response.status_code for reply in replies] == [200, 200, 200]
+    assert elapsed >= 0.9  # one at a time, across three replicas
+    rows = [row for gateway in replicas for row in await gateway.rows()]
+    queued = sorted(row["queued_ms"] for row in rows)
+    assert queued[0] < 100 and 250 < queued[1] < 500 and 550 < queued[2] < 900
+
+
+async def test_a_password_protected_redis_and_a_wrong_password(
+    make_gateway: GatewayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer.start(tmp_path / "redis", None, "--requirepass", "s3cret-pass")
+    try:
+        good = f"redis://:s3cret-pass@127.0.0.1:{server.port}/2"
+        gateway = await make_gateway(
+            teams=teams("{requests_per_day: 5}"), extra_yaml=shared_limits(good)
+        )
+        await chat(gateway)
+        async with redis_client.Redis.from_url(good) as client:
+            assert await client.keys("mgw:team:research:requests_per_day:*")  # in db 2
+
+        wrong = f"redis://:not-the-password@127.0.0.1:{server.port}/0"
+        refused = await make_gateway(
+            teams=teams("{requests_per_day: 5}"), extra_yaml=shared_limits(wrong)
+        )
+        with pytest.raises(openai.APIStatusError) as error:
+            await chat(refused)
+        assert error.value.status_code == 503
+        logged = "\n".join(record.getMessage() for record in caplog.records)
+        assert "WRONGPASS" in logged
+        assert "not-the-password" not in logged and "s3cret-pass" not in logged
+    finally:
+        server.stop()
+
+
+def test_redis_urls() -> None:
+    assert RedisAddress.parse("redis://127.0.0.1:6380/3") == RedisAddress(
+        "127.0.0.1", 6380, 3, None, None, False
+    )
+    assert RedisAddress.parse("rediss://app:p%40ss@cache.internal") == RedisAddress(
+        "cache.internal", 6379, 0, "app", "p@ss", True
+    )
+    with pytest.raises(ValueError, match="redis:// or rediss://"):
+        RedisAddress.parse("http://127.0.0.1:6379")
+
+
+async def test_a_shadow_team_is_never_refused_even_while_redis_is_down(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    server = RedisServer.start(tmp_path / "redis")
+    shadow = teams("{requests_per_day: 1}").replace(
+        "    limits:", "    enforce: false\n    limits:"
+    )
+    gateway = await make_gateway(teams=shadow, extra_yaml=shared_limits(server.url))
+    await chat(gateway)
+    await chat(gateway)  # over the quota: let through, marked
+    server.kill()
+    await chat(gateway)  # limits unknown: let through, unmarked
+    rows = await gateway.rows()
+    assert [(r["status"], r["shadow_rejected_by"]) for r in rows] == [
+        (200, None),
+        (200, "requests_per_day"),
+        (200, None),
+    ]
