@@ -40,7 +40,7 @@ from gateway.errors import (
     error_body,
 )
 from gateway.keys import today_in
-from gateway.ledger import CallRecord, Ledger
+from gateway.ledger import CallRecord, LedgerWriter
 from gateway.limits import SPEND, TOKENS, Admission, Draw, Limiter, rate_headers
 from gateway.logs import CallLog
 from gateway.metering import BodyRecorder, RequestFacts, Usage, UsageChunkStripper
@@ -111,7 +111,11 @@ class CallContext:
 
 class ProxyHandler:
     def __init__(
-        self, config: GatewayConfig, upstream: UpstreamClient, ledger: Ledger, limiter: Limiter
+        self,
+        config: GatewayConfig,
+        upstream: UpstreamClient,
+        ledger: LedgerWriter,
+        limiter: Limiter,
     ) -> None:
         self.config = config
         self.upstream = upstream

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import hiredis
 
+# What a command is made of; hiredis packs each as Redis's bulk string.
+Argument = str | int | float | bytes
+
 
 class RedisUnavailable(ConnectionError):
     """Redis could not be reached, or did not answer in time."""
@@ -163,14 +166,14 @@ class RedisClient:
         self._attempts = 0
         self._last_failure: Exception | None = None
 
-    async def execute(self, *arguments: object) -> object:
+    async def execute(self, *arguments: Argument) -> object:
         """One command; its reply."""
         connection = self._connection
         if connection is None or connection.lost:
             connection = await self._connect()
         return await connection.send(hiredis.pack_command(arguments))
 
-    def send(self, *arguments: object) -> asyncio.Future[object] | None:
+    def send(self, *arguments: Argument) -> asyncio.Future[object] | None:
         """Write one command without waiting for its reply, if connected (for replies that
         only matter when they fail); None when there is no connection to write on."""
         connection = self._connection
@@ -178,7 +181,7 @@ class RedisClient:
             return None
         return connection.send(hiredis.pack_command(arguments))
 
-    async def run(self, script: Script, keys: list[str], arguments: list[object]) -> object:
+    async def run(self, script: Script, keys: list[str], arguments: list[Argument]) -> object:
         try:
             return await self.execute(b"EVALSHA", script.sha, len(keys), *keys, *arguments)
         except RedisReplyError as exc:
@@ -222,7 +225,7 @@ class RedisClient:
                 f"{exc or type(exc).__name__}"
             ) from None
 
-        async def execute(*arguments: object) -> object:
+        async def execute(*arguments: Argument) -> object:
             return await connection.send(hiredis.pack_command(arguments))
 
         try:

@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 from gateway.config import GatewayConfig
@@ -43,7 +43,14 @@ from gateway.limits import (
     quota_refusal,
     rate_refusal,
 )
-from gateway.redis_client import Execute, RedisClient, RedisReplyError, RedisUnavailable, Script
+from gateway.redis_client import (
+    Argument,
+    Execute,
+    RedisClient,
+    RedisReplyError,
+    RedisUnavailable,
+    Script,
+)
 
 log = logging.getLogger("gateway.limits")
 
@@ -222,7 +229,7 @@ class BackendHealth:
     refused: int = 0  # fail_closed: calls refused with 503
     down_since: float = 0.0
     retry_at: float = 0.0
-    _counts: dict[str, int] = field(default_factory=dict)
+    _at_outage_start: tuple[int, int] = (0, 0)  # (let_through, refused) when it began
 
     def worth_trying(self, now: float) -> bool:
         return self.up or now >= self.retry_at
@@ -233,12 +240,11 @@ class BackendHealth:
         if self.up:
             self.up, self.down_since = False, now
             self.outages += 1
-            self._counts = {"let_through": self.let_through, "refused": self.refused}
-            action = (
-                "refusing calls (503)"
-                if self.policy == "fail_closed"
-                else ("letting calls through without limits")
-            )
+            self._at_outage_start = (self.let_through, self.refused)
+            if self.policy == "fail_closed":
+                action = "refusing calls (503)"
+            else:
+                action = "letting calls through without limits"
             log.error(
                 "limits backend unreachable (%s): %s, as on_backend_error: %s says",
                 _describe(error), action, self.policy,
@@ -252,8 +258,8 @@ class BackendHealth:
             "limits backend reachable again after %.1fs; meanwhile %d calls were let through "
             "without limits and %d refused",
             now - self.down_since,
-            self.let_through - self._counts.get("let_through", 0),
-            self.refused - self._counts.get("refused", 0),
+            self.let_through - self._at_outage_start[0],
+            self.refused - self._at_outage_start[1],
         )
 
 
@@ -343,7 +349,7 @@ class RedisLimiter(Limiter):
         if not self.health.worth_trying(time.monotonic()):
             return self._unavailable()
         member = next(self._names)
-        arguments: list[object] = [member, LEASE_S]
+        arguments: list[Argument] = [member, LEASE_S]
         for window in plan.windows:
             arguments += (window.kind, window.limit, window.amount(draw), window.expire_at)
         try:
@@ -445,7 +451,7 @@ class RedisLimiter(Limiter):
 
     def _settle_remote(self, ticket: Ticket, reserved: Draw, actual: Draw) -> None:
         """Send the settle without awaiting it: nothing waits on its reply but errors."""
-        arguments: list[object] = [ticket.member]
+        arguments: list[Argument] = [ticket.member]
         for window in ticket.plan.windows:
             change = 0
             if window.source is not None:
@@ -459,7 +465,7 @@ class RedisLimiter(Limiter):
         else:
             sent.add_done_callback(partial(self._settled, keys, arguments))
 
-    def _settled(self, keys: list[str], arguments: list[object], sent: asyncio.Future) -> None:
+    def _settled(self, keys: list[str], arguments: list[Argument], sent: asyncio.Future) -> None:
         error = None if sent.cancelled() else sent.exception()
         if error is None:
             return
@@ -503,7 +509,7 @@ class RedisLimiter(Limiter):
         plan = self._plan(meters)
         if not plan.windows or not self.health.worth_trying(time.monotonic()):
             return
-        arguments: list[object] = []
+        arguments: list[Argument] = []
         for window in plan.windows:
             arguments += (window.kind, window.limit)
         try:

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from gateway.config import GatewayConfig
 from gateway.keys import days_left, today_in
-from gateway.ledger import CallRecord, Ledger
+from gateway.ledger import CallRecord, LedgerWriter
 from gateway.limits import Limiter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -84,7 +84,7 @@ class GatewayCollector(Collector):
         stats: CallStats,
         config: Callable[[], GatewayConfig],
         limiter: Limiter,
-        ledger: Ledger,
+        ledger: LedgerWriter,
         in_flight: Callable[[], int],
     ) -> None:
         self.stats, self.config, self.limiter = stats, config, limiter
