@@ -50,11 +50,6 @@ def with_reader(config: GatewayConfig, read: Callable[[LedgerReader], Awaitable[
     return run_async(main)
 
 
-def _storage_failure(command: str, error: StorageError) -> int:
-    print(f"{command}: {error}", file=sys.stderr)
-    return EXIT_USAGE if isinstance(error, StorageConfigError) else EXIT_FAILURE
-
-
 # ---------------------------------------------------------------- commands
 
 
@@ -67,10 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
-    try:
-        run_async(lambda: serve(path, config, host, port))
-    except StorageError as exc:
-        return _storage_failure("serve", exc)
+    run_async(lambda: serve(path, config, host, port))
     return EXIT_OK
 
 
@@ -118,8 +110,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except StorageError as exc:
-        return _storage_failure("report", exc)
     print(render(rows, args.format))
     if args.format == "table":
         print("\n".join(key_lines(config, today_in(zone))))
@@ -137,12 +127,9 @@ def cmd_invoice(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"--month: '{args.month}' is not YYYY-MM", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        invoice = with_reader(
-            config, lambda reader: build_invoice(reader, config, args.team, args.month)
-        )
-    except StorageError as exc:
-        return _storage_failure("invoice", exc)
+    invoice = with_reader(
+        config, lambda reader: build_invoice(reader, config, args.team, args.month)
+    )
     print(render_invoice(invoice, args.format))
     return EXIT_OK
 
@@ -173,12 +160,9 @@ def cmd_reprice(args: argparse.Namespace) -> int:
     except (PricingError, OSError, ValueError) as exc:
         print(f"reprice: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        result = with_reader(
-            config, lambda reader: reprice(reader, config, prices, since, not args.dry_run)
-        )
-    except StorageError as exc:
-        return _storage_failure("reprice", exc)
+    result = with_reader(
+        config, lambda reader: reprice(reader, config, prices, since, not args.dry_run)
+    )
     print("\n".join(result.lines(applied=not args.dry_run)))
     return EXIT_OK
 
@@ -201,8 +185,6 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         lines = with_reader(config, lambda reader: reconcile(config, reader, args.month, admin_key))
-    except StorageError as exc:
-        return _storage_failure("reconcile", exc)
     except (urllib.error.URLError, OSError) as exc:
         print(f"reconcile: the upstream's usage APIs could not be read: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -296,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
+    except StorageError as exc:  # the ledger's store, for every command that opens it
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, StorageConfigError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from pathlib import Path
@@ -236,11 +236,3 @@ class Ledger(LedgerWriter):
         if self._db is not None:
             await self._db.close()
             self._db = None
-
-
-def read_rows(path: Path, where: str = "", params: Iterable = ()) -> list[sqlite3.Row]:
-    """Rows of the ledger for reports and tests (blocking; not for the serving path)."""
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        db.row_factory = sqlite3.Row
-        query = "SELECT * FROM requests" + (f" WHERE {where}" if where else "")
-        return list(db.execute(query + " ORDER BY started_at", tuple(params)))

@@ -267,16 +267,21 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+def key_prefix(scope: str, name: str) -> str:
+    """Where the windows of one key or team live: `mgw:<scope>:<name>:<limit>[:<start>]`."""
+    return f"{KEY_PREFIX}{scope}:{name}:"
+
+
 class RedisLimiter(Limiter):
     """The Limiter with its windows in Redis; queues stay per replica."""
 
     poll_interval_s = 0.05
 
     def __init__(self, config: GatewayConfig) -> None:
-        super().__init__(config)
         settings = config.limits_backend
-        self.redis = RedisClient(settings.redis_url, TIMEOUT_S, on_connect=self._on_connect)
         self.health = BackendHealth(settings.on_backend_error)
+        super().__init__(config)
+        self.redis = RedisClient(settings.redis_url, TIMEOUT_S, on_connect=self._on_connect)
         self._admit, self._settle = Script(_ADMIT), Script(_SETTLE)
         self._read, self._renew = Script(_READ), Script(_RENEW)
         self._leases: dict[str, Ticket] = {}
@@ -288,8 +293,7 @@ class RedisLimiter(Limiter):
     def apply(self, config: GatewayConfig) -> None:
         super().apply(config)
         self._plans: dict[tuple[int, ...], Plan] = {}
-        if hasattr(self, "health"):
-            self.health.policy = config.limits_backend.on_backend_error
+        self.health.policy = config.limits_backend.on_backend_error
 
     # ------------------------------------------------------------ lifecycle
 
@@ -349,9 +353,10 @@ class RedisLimiter(Limiter):
         if not self.health.worth_trying(time.monotonic()):
             return self._unavailable()
         member = next(self._names)
+        amounts = [window.amount(draw) for window in plan.windows]
         arguments: list[Argument] = [member, LEASE_S]
-        for window in plan.windows:
-            arguments += (window.kind, window.limit, window.amount(draw), window.expire_at)
+        for window, amount in zip(plan.windows, amounts, strict=True):
+            arguments += (window.kind, window.limit, amount, window.expire_at)
         try:
             reply = await self.redis.run(self._admit, plan.keys, arguments)
         except _ERRORS as exc:
@@ -364,9 +369,9 @@ class RedisLimiter(Limiter):
         if refused_at:
             window = plan.windows[refused_at - 1]
             self._mirror(window, float(reply[2]), 0)
-            return self._refusal(window, window.amount(draw), float(reply[1])), None
-        for window, seen in zip(plan.windows, reply[1:], strict=True):
-            self._mirror(window, float(seen), window.amount(draw))
+            return self._refusal(window, amounts[refused_at - 1], float(reply[1])), None
+        for window, seen, amount in zip(plan.windows, reply[1:], amounts, strict=True):
+            self._mirror(window, float(seen), amount)
         ticket = Ticket(member, plan)
         if plan.holds_slots:
             self._leases[member] = ticket
@@ -381,7 +386,7 @@ class RedisLimiter(Limiter):
             return plan
         windows, valid_until = [], math.inf
         for meter in meters:
-            prefix = f"{KEY_PREFIX}{meter.scope}:{meter.name}:"
+            prefix = key_prefix(meter.scope, meter.name)
             if meter.max_concurrent is not None:
                 windows.append(
                     Window(prefix + "max_concurrent", "slots", meter.max_concurrent, meter)
@@ -390,10 +395,8 @@ class RedisLimiter(Limiter):
                 windows.append(Window(prefix + bucket.name, "rate", bucket.limit, meter, bucket))
             for quota in meter.quotas:
                 quota.roll(self.calendar, wall)
-                start, end = self.calendar.window(quota.period, wall)
+                key, expire_at, end = self._counter(meter, quota, wall)
                 valid_until = min(valid_until, end)
-                key = f"{prefix}{quota.name}:{int(start)}"
-                expire_at = int(end) + QUOTA_GRACE_S
                 windows.append(Window(key, "quota", quota.limit, meter, quota, expire_at))
         plan = Plan(
             windows,
@@ -403,6 +406,13 @@ class RedisLimiter(Limiter):
         )
         self._plans[cache_key] = plan
         return plan
+
+    def _counter(self, meter: Meter, quota: Quota, wall: float) -> tuple[str, int, float]:
+        """The Redis key of a quota's current window, when that key expires, and when the
+        window ends."""
+        start, end = self.calendar.window(quota.period, wall)
+        key = f"{key_prefix(meter.scope, meter.name)}{quota.name}:{int(start)}"
+        return key, int(end) + QUOTA_GRACE_S, end
 
     def _mirror(self, window: Window, seen: float, taken: int) -> None:
         """Keep the local meter in step with what Redis said, for headers and reports."""
@@ -532,7 +542,6 @@ class RedisLimiter(Limiter):
             for quota in meter.quotas:
                 if quota.period not in used:
                     continue
-                start, end = self.calendar.window(quota.period, wall)
-                key = f"{KEY_PREFIX}{scope}:{name}:{quota.name}:{int(start)}"
-                commands.append((key, used[quota.period].of(quota.kind), int(end) + QUOTA_GRACE_S))
+                key, expire_at, _ = self._counter(meter, quota, wall)
+                commands.append((key, used[quota.period].of(quota.kind), expire_at))
         return commands

@@ -105,16 +105,7 @@ class GatewayProcess:
                 lambda: asyncio.ensure_future(old.close()),
             )
         handler.reconfigure(config)
-        restart_only = (
-            (config.listen.host, config.listen.port),
-            config.storage,
-            (config.limits_backend.backend, config.limits_backend.redis_url),
-        )
-        if restart_only != (
-            (self.config.listen.host, self.config.listen.port),
-            self.config.storage,
-            (self.config.limits_backend.backend, self.config.limits_backend.redis_url),
-        ):
+        if _restart_only(config) != _restart_only(self.config):
             log.warning(
                 "changes to the listen address, storage, limits.backend or limits.redis_url "
                 "apply at the next restart"
@@ -130,6 +121,12 @@ class GatewayProcess:
             if digest is not None and digest != self._file_digest:
                 self._file_digest = digest
                 await self.reload()
+
+
+def _restart_only(config: GatewayConfig) -> tuple[object, ...]:
+    """The settings a reload cannot apply: the socket, the ledger's store, the limits' store."""
+    limits = config.limits_backend
+    return config.listen.host, config.listen.port, config.storage, limits.backend, limits.redis_url
 
 
 def _digest(path: Path) -> str | None:

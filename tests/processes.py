@@ -43,13 +43,38 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"process exited early: {log.read_text()}")
+            raise RuntimeError(f"process exited early:\n{log.read_text()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {port}")
+
+
+def start_gateway_process(args: list[str], port: int, env: dict, log: Path) -> subprocess.Popen:
+    """`python -m gateway <args>` with its output in `log`, once it listens on `port`."""
+    with log.open("a") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args],
+            env=env,
+            stdout=output,
+            stderr=output,
+            text=True,
+        )
+    wait_for_port(port, process, log)
+    return process
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -91,16 +116,7 @@ class Stack:
 
     def _start(self, args: list[str], port: int) -> subprocess.Popen:
         log = self.log if args[0] == "serve" else self.tmp_path / "fake.log"
-        with log.open("a") as output:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", *args],
-                env=self.env,
-                stdout=output,
-                stderr=output,
-                text=True,
-            )
-        wait_for_port(port, process, log)
-        return process
+        return start_gateway_process(args, port, self.env, log)
 
     def log_text(self) -> str:
         return self.log.read_text()
@@ -112,13 +128,7 @@ class Stack:
 
     def stop(self) -> None:
         for process in (self.gateway, self.fake):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process)
 
     def rows(self) -> list[sqlite3.Row]:
         with sqlite3.connect(self.ledger) as db:

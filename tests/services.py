@@ -12,8 +12,6 @@ import glob
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,24 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}:\n{log.read_text()}")
+from tests.processes import free_port, stop_process, wait_for_port
 
 
 def _binary(name: str, package: str) -> str:
@@ -57,13 +38,7 @@ class Server:
     log: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=20)
 
     def kill(self) -> None:
         """An outage: the server dies at once, without saving anything."""
@@ -91,7 +66,7 @@ class RedisServer(Server):
                  "--save", "", "--appendonly", "no", "--protected-mode", "no", *options],
                 stdout=output, stderr=output,
             )  # fmt: skip
-        _wait_for_port(port, process, log)
+        wait_for_port(port, process, log, timeout=30)
         return cls(process, port, directory, log)
 
     def restart(self) -> RedisServer:
@@ -135,7 +110,7 @@ class PostgresServer(Server):
                  "-c", "full_page_writes=off"],
                 stdout=output, stderr=output,
             )  # fmt: skip
-        _wait_for_port(port, process, log)
+        wait_for_port(port, process, log, timeout=30)
         return process
 
     def kill(self) -> None:

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import subprocess
-import sys
 import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +24,7 @@ from gateway import redis_limits
 from gateway.config import load_config
 from gateway.redis_client import RedisAddress
 from tests.conftest import RESEARCH_KEY, GatewayFactory, sha
-from tests.processes import free_port, wait_for_port
+from tests.processes import free_port, start_gateway_process, stop_process
 from tests.services import PostgresServer, RedisServer
 
 UPSTREAM_KEY = "sk-scale-out-upstream"
@@ -90,17 +88,10 @@ class Replicas:
         return self._start(f"replica-{index}", args, self.ports[index])
 
     def _start(self, name: str, args: list[str], port: int) -> subprocess.Popen:
-        log = self.tmp_path / f"{name}.log"
-        with log.open("a") as output:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", *args],
-                env=self.env, stdout=output, stderr=output,
-            )  # fmt: skip
-        wait_for_port(port, process, log)
-        return process
+        return start_gateway_process(args, port, self.env, self.tmp_path / f"{name}.log")
 
     def restart(self, index: int) -> None:
-        self._stop(self.processes[index])
+        stop_process(self.processes[index])
         self.processes[index] = self._serve(index)
 
     def client(self, index: int) -> openai.AsyncOpenAI:
@@ -123,19 +114,9 @@ class Replicas:
         self.request_ids.append(raw.headers["x-gateway-request-id"])
         return 200
 
-    @staticmethod
-    def _stop(process: subprocess.Popen) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
     def stop(self) -> None:
         for process in [*self.processes, self.fake]:
-            self._stop(process)
+            stop_process(process)
 
     async def ledger(self) -> list[tuple[int, str, str]]:
         """(status, outcome, request_id) of every row in the shared Postgres ledger."""
