@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,11 +18,13 @@ from gateway.errors import NOT_FOUND, error_body
 from gateway.handler import ProxyHandler
 from gateway.ledger import LedgerWriter
 from gateway.limits import Limiter, Usage, window_usage
+from gateway.objects import ObjectStore, make_object_store
 from gateway.proxy import UpstreamClient
 from gateway.redis_limits import RedisLimiter
 from gateway.storage import make_ledger
 from gateway.web.api import UsageApi
 from gateway.web.metrics import GatewayCollector, metrics_handler
+from gateway.web.security import security_headers
 
 log = logging.getLogger("gateway")
 
@@ -32,30 +33,24 @@ LEDGER = web.AppKey("ledger", LedgerWriter)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 HANDLER = web.AppKey("handler", ProxyHandler)
 LIMITER = web.AppKey("limiter", Limiter)
+OBJECTS = web.AppKey("objects", ObjectStore)
 READY = web.AppKey("ready", asyncio.Event)
-
-
-def upstream_key(config: GatewayConfig) -> str:
-    key = os.environ.get(config.upstream.api_key_env, "")
-    if not key:
-        log.warning(
-            "%s is not set: calls will reach the upstream without a valid key",
-            config.upstream.api_key_env,
-        )
-    return key
 
 
 def build_app(config: GatewayConfig) -> web.Application:
     app = web.Application(client_max_size=config.listen.max_request_body)
     ledger = make_ledger(config.storage)
-    upstream = UpstreamClient(config.upstream, upstream_key(config))
+    upstream = UpstreamClient(config)
     limiter = make_limiter(config)
-    handler = ProxyHandler(config, upstream, ledger, limiter)
+    object_store = make_object_store(config.storage)
+    handler = ProxyHandler(config, upstream, ledger, limiter, object_store)
     app[CONFIG], app[LEDGER], app[UPSTREAM], app[HANDLER] = config, ledger, upstream, handler
     app[LIMITER] = limiter
+    app[OBJECTS] = object_store
     app[READY] = asyncio.Event()
     ledger.on_flush.append(handler.call_log.flush)  # call log lines go out on the same beat
     app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(security_headers)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     usage_api = UsageApi(lambda: handler.config, limiter, ledger.flush, ledger.reader)
@@ -81,6 +76,7 @@ def make_limiter(config: GatewayConfig) -> Limiter:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     await app[LEDGER].open()
+    await app[OBJECTS].open()  # after the ledger: its table is in the ledger's schema
     limiter, ledger = app[LIMITER], app[LEDGER]
 
     async def usage() -> Usage:
@@ -95,6 +91,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:
         await app[UPSTREAM].close()
         await app[LIMITER].close()
+        await app[OBJECTS].close()
         await app[LEDGER].close()
         await app[HANDLER].call_log.flush()
 

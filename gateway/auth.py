@@ -49,14 +49,19 @@ def ensure_not_expired(caller: Caller) -> None:
         )
 
 
-def authorize(team: TeamConfig, api_path: str, model: str | None) -> None:
-    """Raise unless the team may call this path (and model)."""
+def authorize_endpoint(team: TeamConfig, method: str, api_path: str) -> None:
+    """Raise unless the team may call this method and path."""
     full_path = "/v1" + api_path
     if team.endpoints is not None and not any(
-        full_path == allowed or full_path.startswith(allowed.rstrip("/") + "/")
-        for allowed in team.endpoints
+        rule.allows(method, full_path) for rule in team.endpoints
     ):
-        raise GatewayError(ENDPOINT_NOT_ALLOWED, f"Team '{team.name}' may not call {full_path}.")
+        raise GatewayError(
+            ENDPOINT_NOT_ALLOWED, f"Team '{team.name}' may not call {method} {full_path}."
+        )
+
+
+def authorize_model(team: TeamConfig, model: str | None) -> None:
+    """Raise unless the team may use this model (None: the request names none)."""
     if team.models is not None and model is not None and model not in team.models:
         raise GatewayError(
             MODEL_NOT_ALLOWED,

@@ -7,7 +7,11 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import date
+from pathlib import Path
 from typing import TypeVar
+
+import yaml
 
 from gateway.config import ConfigError, GatewayConfig, config_path_from, load_config
 from gateway.loop import new_event_loop
@@ -67,10 +71,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.keys import today_in
+
     config = _load(args.file)
+    for warning in expired_key_warnings(config, args.file, today_in(config.limits_timezone)):
+        print(warning, file=sys.stderr)
     keys = sum(len(team.keys) for team in config.teams.values())
     print(f"{args.file}: ok ({len(config.teams)} teams, {keys} keys)")
     return EXIT_OK
+
+
+def expired_key_warnings(config: GatewayConfig, filename: str, today: date) -> list[str]:
+    """`FILE:LINE: warning: ...` for each key whose `expires` day is before `today` (the key
+    still loads, and is refused with `key_expired`); LINE is its `expires:` line."""
+    lines = _expires_lines(config.path)
+    return [
+        f"{filename}:{lines.get((team.name, key.id), 1)}: warning: key '{key.id}' of team "
+        f"'{team.name}' expired on {key.expires.isoformat()}"
+        for team in config.teams.values()
+        for key in team.keys
+        if key.expires is not None and key.expires < today
+    ]
+
+
+def _expires_lines(path: Path) -> dict[tuple[str, str], int]:
+    """(team, key id) → the line of that key's `expires:` (1-based), read from the YAML."""
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    found: dict[tuple[str, str], int] = {}
+    teams = _entry(root, "teams")
+    for team_key, team_node in teams.value if isinstance(teams, yaml.MappingNode) else []:
+        keys = _entry(team_node, "keys")
+        for item in keys.value if isinstance(keys, yaml.SequenceNode) else []:
+            key_id, expires = _entry(item, "id"), _entry(item, "expires")
+            if isinstance(key_id, yaml.ScalarNode) and expires is not None:
+                found[(team_key.value, key_id.value)] = expires.start_mark.line + 1
+    return found
+
+
+def _entry(node: yaml.Node | None, name: str) -> yaml.Node | None:
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    return next((value for key, value in node.value if key.value == name), None)
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:

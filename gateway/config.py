@@ -80,10 +80,33 @@ class KeyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointRule:
+    """One entry of a team's `endpoints` allow-list: a path prefix, optionally one method."""
+
+    path: str
+    method: str | None = None  # None: every method
+
+    def allows(self, method: str, path: str) -> bool:
+        if self.method is not None and method != self.method:
+            return False
+        return path == self.path or path.startswith(self.path.rstrip("/") + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class TeamUpstream:
+    """A team's own upstream credentials (`teams.<team>.upstream`)."""
+
+    api_key_env: str | None = None
+    organization: str | None = None
+    project: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TeamConfig:
     name: str
     models: frozenset[str] | None = None
-    endpoints: tuple[str, ...] | None = None
+    endpoints: tuple[EndpointRule, ...] | None = None
+    upstream: TeamUpstream = field(default_factory=TeamUpstream)
     on_limit: str = "reject"
     queue: QueueConfig = field(default_factory=QueueConfig)
     limits: Limits = field(default_factory=Limits)
@@ -100,6 +123,7 @@ class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 8787
     max_request_body: int = DEFAULT_MAX_REQUEST_BODY
+    body_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +132,7 @@ class UpstreamConfig:
     api_key_env: str = "OPENAI_API_KEY"
     connect_timeout_s: float = 10.0
     timeout_s: float = 600.0
+    forward_headers: tuple[str, ...] = ()  # extra client headers for the upstream; `x-foo-*`
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +331,22 @@ def _string_list(value: Any) -> list[str]:
     return value
 
 
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9-]+\*?$")
+_NEVER_FORWARDED = ("authorization", "proxy-authorization", "api-key", "x-api-key", "cookie")
+
+
+def _header_names(value: Any) -> tuple[str, ...]:
+    names = []
+    for name in _string_list(value):
+        lowered = name.lower()
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"'{name}' is not a header name (letters, digits, '-'; '*' last)")
+        if lowered.rstrip("*") in _NEVER_FORWARDED or lowered == "*":
+            raise ValueError(f"'{name}' may hold a credential and is never forwarded")
+        names.append(lowered)
+    return tuple(names)
+
+
 def _url(value: Any) -> str:
     text = _string(value)
     if not re.match(r"^https?://[^/\s]+", text):
@@ -460,12 +501,31 @@ def _keys(node: yaml.Node | None, team: str, problems: _Problems) -> tuple[KeyCo
     return tuple(keys)
 
 
-def _endpoints(value: Any) -> tuple[str, ...]:
-    paths = _string_list(value)
-    for path in paths:
+HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+def _endpoints(value: Any) -> tuple[EndpointRule, ...]:
+    rules = []
+    for entry in _string_list(value):
+        method, _, path = entry.strip().rpartition(" ")
+        method = method.strip()
+        if method and method not in HTTP_METHODS:
+            raise ValueError(f"'{entry}': '{method}' is not an HTTP method (GET, POST, ...)")
         if not path.startswith("/v1/"):
-            raise ValueError(f"'{path}' must start with /v1/")
-    return tuple(paths)
+            raise ValueError(f"'{entry}': the path must start with /v1/")
+        rules.append(EndpointRule(path=path, method=method or None))
+    return tuple(rules)
+
+
+def _team_upstream(node: yaml.Node | None, where: str, problems: _Problems) -> TeamUpstream:
+    if node is None:
+        return TeamUpstream()
+    entries = _mapping(node, where, problems, TEAM_UPSTREAM_KEYS)
+    return TeamUpstream(
+        **_given(
+            **{name: _field(entries, name, _string, where, problems) for name in TEAM_UPSTREAM_KEYS}
+        )
+    )
 
 
 def _queue(node: yaml.Node | None, where: str, problems: _Problems) -> QueueConfig:
@@ -481,7 +541,7 @@ def _queue(node: yaml.Node | None, where: str, problems: _Problems) -> QueueConf
 
 
 _TEAM_KEYS = {
-    "models", "endpoints", "on_limit", "queue", "limits", "billing", "keys", "pricing",
+    "models", "endpoints", "upstream", "on_limit", "queue", "limits", "billing", "keys", "pricing",
     "enforce", "on_budget_exhausted_mid_stream",
 }  # fmt: skip
 
@@ -503,6 +563,7 @@ def _team(
         name=name,
         models=frozenset(models) if models is not None else None,
         endpoints=_field(entries, "endpoints", _endpoints, where, problems),
+        upstream=_team_upstream(entries.get("upstream"), f"{where}.upstream", problems),
         on_limit=_field(entries, "on_limit", _choice("reject", "queue"), where, problems)
         or "reject",
         queue=_queue(entries.get("queue"), f"{where}.queue", problems),
@@ -574,12 +635,18 @@ def _prices(node: yaml.Node | None, config_dir: Path, problems: _Problems) -> Pr
 
 
 SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "listen": {"host": _string, "port": _int(0), "max_request_body": parse_size},
+    "listen": {
+        "host": _string,
+        "port": _int(0),
+        "max_request_body": parse_size,
+        "body_timeout_s": _number(positive=True),
+    },
     "upstream": {
         "base_url": _url,
         "api_key_env": _string,
         "connect_timeout_s": _number(positive=True),
         "timeout_s": _number(positive=True),
+        "forward_headers": _header_names,
     },
     "storage": {
         "sqlite_path": _string,
@@ -597,6 +664,7 @@ SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
 QUEUE_KEYS = {"max_wait_s", "max_depth"}
 BILLING_KEYS = {"plan", "rate_usd", "max_requests_per_day"}
 KEY_KEYS = {"id", "sha256", "expires", "limits"}
+TEAM_UPSTREAM_KEYS = ("api_key_env", "organization", "project")
 
 
 def documented_keys() -> dict[str, set[str]]:
@@ -606,6 +674,7 @@ def documented_keys() -> dict[str, set[str]]:
         **{name: set(checks) for name, checks in SECTIONS.items()},
         "teams.<team>": set(_TEAM_KEYS),
         "teams.<team>.queue": set(QUEUE_KEYS),
+        "teams.<team>.upstream": set(TEAM_UPSTREAM_KEYS),
         "teams.<team>.billing": set(BILLING_KEYS),
         "teams.<team>.keys[]": set(KEY_KEYS),
         "limits (team or key)": set(_LIMIT_CHECKS),

@@ -44,7 +44,7 @@ def _config(folder: Path, upstream_port: int) -> Path:
         textwrap.dedent(
             f"""\
             upstream: {{base_url: "http://127.0.0.1:{upstream_port}/v1",
-                        api_key_env: DEMO_UPSTREAM_KEY}}
+                        api_key_env: DEMO_UPSTREAM_KEY, forward_headers: ["x-fake-*"]}}
             storage: {{sqlite_path: {folder / "ledger.sqlite3"}, flush_interval_ms: 50}}
             log_calls: false
             pricing:

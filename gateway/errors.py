@@ -44,10 +44,20 @@ INVALID_REQUEST = ErrorKind(400, "invalid_request_error", "invalid_request", Out
 UNSUPPORTED_CONTENT_TYPE = ErrorKind(
     400, "invalid_request_error", "unsupported_content_type", Outcome.REJECTED
 )
+UNSUPPORTED_CONTENT_ENCODING = ErrorKind(
+    415, "invalid_request_error", "unsupported_content_encoding", Outcome.REJECTED
+)
+REQUEST_TIMEOUT = ErrorKind(408, "invalid_request_error", "request_timeout", Outcome.REJECTED)
+# Another team's object, or one the gateway has no record of: refused as if it did not exist.
+OBJECT_NOT_FOUND = ErrorKind(404, "invalid_request_error", "not_found", Outcome.REJECTED)
 UPSTREAM_UNAVAILABLE = ErrorKind(
     502, "upstream_error", "upstream_unavailable", Outcome.UPSTREAM_ERROR
 )
 UPSTREAM_TIMEOUT = ErrorKind(504, "upstream_error", "upstream_timeout", Outcome.UPSTREAM_ERROR)
+# The upstream refused the gateway's own credentials: the operator's problem, not the caller's.
+UPSTREAM_AUTH_FAILED = ErrorKind(
+    502, "upstream_error", "upstream_auth_failed", Outcome.UPSTREAM_ERROR
+)
 # The shared limits backend (Redis) is unreachable and the policy is `fail_closed`.
 LIMITS_UNAVAILABLE = ErrorKind(503, "server_error", "limits_unavailable", Outcome.REJECTED)
 GATEWAY_FAULT = ErrorKind(500, "server_error", "gateway_error", Outcome.GATEWAY_ERROR)

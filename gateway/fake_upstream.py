@@ -2,7 +2,9 @@
 
 Token counts are deterministic: the tokens of a text are its whitespace-separated
 words.  Behaviour can be bent per request with the ``x-fake-*`` headers or globally
-through ``FakeState.faults`` (see ``FAULT_NAMES``).
+through ``FakeState.faults`` (see ``FAULT_NAMES``). Files, uploads, batches, vector stores,
+stored responses, fine-tuning jobs, containers and conversations live in
+``FakeState.objects`` (``gateway.fake_objects``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Handler
 
+from gateway.fake_objects import COLLECTIONS, Call, FakeObjects, ObjectError, message_items
 from gateway.fake_usage import UsageTotals, new_totals, record_usage, usage_handlers
 from gateway.loop import new_event_loop
 from gateway.pricing import PriceTable
@@ -121,6 +124,10 @@ class FakeState:
     usage: UsageTotals = field(default_factory=new_totals)  # what the Usage API reports
     prices: PriceTable | None = None  # what the Costs API charges
     org_rejections: int = 0  # 429s sent by the `org_requests` fault
+    objects: FakeObjects = field(default_factory=FakeObjects)
+
+    def __post_init__(self) -> None:
+        self.objects.contents = self.files  # one content store for every file
 
     def record(self, item: Received) -> None:
         self.received.append(item)
@@ -510,21 +517,21 @@ async def _read_file_part(part: BodyPartReader, form: _Form, keep: bool) -> None
     form.content = b"".join(chunks)
 
 
-async def _read_form(request: web.Request, keep_file: bool) -> _Form:
+async def _read_form(request: web.Request, keep_file: bool, file_field: str = "file") -> _Form:
     reader = await _multipart_reader(request)
     form = _Form()
     try:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 continue
-            if part.name == "file":
+            if part.name == file_field:
                 await _read_file_part(part, form, keep_file)
             else:
                 form.fields[part.name or ""] = await part.text()
     except ValueError as exc:
         raise _ApiError(400, f"Could not parse multipart form: {exc}") from None
     if not form.has_file:
-        raise _ApiError(400, "Missing required parameter: 'file'.", param="file")
+        raise _ApiError(400, f"Missing required parameter: '{file_field}'.", param=file_field)
     return form
 
 
@@ -761,6 +768,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
 @dataclass(frozen=True, slots=True)
 class _ResponseInfo:
     n: int
+    id: str
     created: int
     body: dict[str, Any]
     tokens: _Tokens
@@ -789,7 +797,7 @@ def _message_item(info: _ResponseInfo, done: bool) -> dict[str, Any]:
 def _response_object(info: _ResponseInfo, done: bool) -> dict[str, Any]:
     instructions = info.body.get("instructions")
     result: dict[str, Any] = {
-        "id": f"resp_fake{info.n}",
+        "id": info.id,
         "object": "response",
         "created_at": info.created,
         "status": "completed" if done else "in_progress",
@@ -801,10 +809,10 @@ def _response_object(info: _ResponseInfo, done: bool) -> dict[str, Any]:
         "model": info.body.get("model"),
         "output": [_message_item(info, True)] if done else [],
         "parallel_tool_calls": True,
-        "previous_response_id": None,
+        "previous_response_id": info.body.get("previous_response_id"),
         "reasoning": {"effort": None, "summary": None},
         "service_tier": "default",
-        "store": True,
+        "store": info.body.get("store") is not False,
         "temperature": 1.0,
         "text": {"format": {"type": "text"}},
         "tool_choice": "auto",
@@ -840,13 +848,32 @@ async def _responses(request: web.Request) -> web.StreamResponse:
     body = await _read_json(request)
     reply = _reply_length(request, body.get("max_output_tokens"))
     tokens = _tokens(request, _responses_input_tokens(body.get("input")), reply)
+    objects = request.app[FAKE_STATE].objects
+    _check_context(objects, body)
     _handled(request, body, tokens)
-    info = _ResponseInfo(ctx.n, _now(request), body, tokens, ctx.with_usage)
+    response_id = objects.new_id("response")
+    info = _ResponseInfo(ctx.n, response_id, _now(request), body, tokens, ctx.with_usage)
+    objects.store_response(_response_object(info, True), message_items(objects, body.get("input")))
     if body.get("stream") is not True:
         return _json_response(request, _response_object(info, True))
     fields = _response_event_fields(info, _chunk_words(request))
     events = [_named_sse(kind, seq, data) for seq, (kind, data) in enumerate(fields)]
     return await _stream(request, events, _SSE_TYPE)
+
+
+def _check_context(objects: FakeObjects, body: dict[str, Any]) -> None:
+    """A previous response or conversation named must exist, as OpenAI checks."""
+    previous = body.get("previous_response_id")
+    if previous is not None and previous not in objects.store["response"]:
+        message = f"Previous response with id '{previous}' not found."
+        code = "previous_response_not_found"
+        raise _ApiError(400, message, param="previous_response_id", code=code)
+    conversation = body.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    if conversation is not None and conversation not in objects.store["conversation"]:
+        message = f"Conversation with id '{conversation}' not found."
+        raise _ApiError(404, message, param="conversation")
 
 
 def _embedding_dims(value: Any) -> int:
@@ -898,25 +925,13 @@ async def _get_model(request: web.Request) -> web.Response:
 
 
 async def _upload_file(request: web.Request) -> web.Response:
-    ctx = request[_CTX]
     form = await _read_form(request, keep_file=True)
     purpose = form.fields.get("purpose")
     if not purpose:
         raise _ApiError(400, "Missing required parameter: 'purpose'.", param="purpose")
-    file_id = f"file-fake{ctx.n}"
-    request.app[FAKE_STATE].files[file_id] = form.content
-    result = {
-        "object": "file",
-        "id": file_id,
-        "purpose": purpose,
-        "filename": form.filename or "upload",
-        "bytes": form.size,
-        "created_at": _now(request),
-        "expires_at": None,
-        "status": "processed",
-        "status_details": None,
-    }
-    return _json_response(request, result)
+    objects = request.app[FAKE_STATE].objects
+    file = objects.add_file(form.content, form.filename or "upload", purpose, _now(request))
+    return _json_response(request, file)
 
 
 async def _file_content(request: web.Request) -> web.Response:
@@ -968,6 +983,24 @@ async def _download(request: web.Request) -> web.StreamResponse:
         raise _ApiError(400, "'bytes' must be a non-negative integer.", param="bytes")
     block = _pseudo_random(b"fake-download", BLOCK_SIZE)
     return await _stream(request, _blob_chunks(block, size), "application/octet-stream", size)
+
+
+async def _objects(request: web.Request) -> web.Response:
+    """Files (but their upload and content), uploads, batches, vector stores, stored responses,
+    fine-tuning jobs, containers, conversations: `gateway.fake_objects`."""
+    call = Call(request.method, request.path.split("/")[2:], dict(request.query), {}, _now(request))
+    if request.method == "POST" and request.body_exists:
+        if request.content_type.startswith("multipart/"):
+            call.data = (await _read_form(request, keep_file=True, file_field="data")).content
+        else:
+            call.body = await _read_json(request)
+    try:
+        payload = request.app[FAKE_STATE].objects.handle(call)
+    except ObjectError as error:
+        raise _ApiError(error.status, error.message, param=error.param, code=error.code) from None
+    except LookupError:
+        return await _unknown(request)
+    return _json_response(request, payload)
 
 
 async def _unknown(request: web.Request) -> web.Response:
@@ -1028,6 +1061,9 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/v1/fake/download", _download)
     router.add_get("/v1/organization/usage/completions", _org_usage)
     router.add_get("/v1/organization/costs", _org_costs)
+    for collection in COLLECTIONS:
+        router.add_route("*", f"/v1/{collection}", _objects)
+        router.add_route("*", f"/v1/{collection}/{{rest:.*}}", _objects)
     router.add_route("*", "/v1/{tail:.*}", _unknown)
     router.add_post("/_fake/faults", _set_faults)
     router.add_delete("/_fake/faults", _clear_faults)

@@ -11,39 +11,56 @@ import contextlib
 import itertools
 import logging
 import math
-import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import metering, tokens
-from gateway.auth import Authenticator, Caller, authorize, ensure_not_expired
+from gateway import metering, objects, tokens
+from gateway.auth import (
+    Authenticator,
+    Caller,
+    authorize_endpoint,
+    authorize_model,
+    ensure_not_expired,
+)
 from gateway.budget import StreamBudget, output_budget
 from gateway.config import GatewayConfig
 from gateway.errors import (
     GATEWAY_FAULT,
-    INVALID_JSON,
     NOT_FOUND,
+    OBJECT_NOT_FOUND,
     QUEUE_TIMEOUT,
+    REQUEST_TIMEOUT,
     REQUEST_TOO_LARGE,
     UNSUPPORTED_CONTENT_TYPE,
+    UPSTREAM_AUTH_FAILED,
     UPSTREAM_UNAVAILABLE,
     ErrorKind,
     GatewayError,
     Outcome,
     error_body,
 )
+from gateway.intake import (
+    BodyWatch,
+    body_was_decoded,
+    canonical_target,
+    model_of,
+    parse_json_object,
+    read_whole_body,
+)
 from gateway.keys import today_in
 from gateway.ledger import CallRecord, LedgerWriter
 from gateway.limits import SPEND, TOKENS, Admission, Draw, Limiter, rate_headers
 from gateway.logs import CallLog
 from gateway.metering import BodyRecorder, RequestFacts, Usage, UsageChunkStripper
+from gateway.multipart import MultipartModelParser
 from gateway.pacing import UpstreamPacer, parse_reset
 from gateway.pricing import format_usd
 from gateway.proxy import (
@@ -51,7 +68,6 @@ from gateway.proxy import (
     RelayResult,
     UpstreamClient,
     client_response_headers,
-    read_small_body,
     relay,
     stream_request_body,
 )
@@ -64,9 +80,6 @@ REQUEST_ID_HEADER = "x-gateway-request-id"
 KEY_EXPIRES_HEADER = "x-gateway-key-expires-in"
 COST_HEADER = "x-gateway-cost-usd"
 BYTES_PER_TOKEN = 4
-# `/v1/../x`, `/v1/a/./b`, their percent-encoded forms, encoded slashes, backslashes and
-# NULs, and any of these encoded twice (`%252e`), for an upstream that would decode twice.
-_UNSAFE_PATH = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|%(25)*(2f|5c|00)|%(25)+2e|\\", re.IGNORECASE)
 # Endpoints that take only JSON: a body labelled otherwise could hide its model from the
 # allow-list and its tokens from the limits, so it is refused as OpenAI itself refuses it.
 _JSON_ONLY_PATHS = frozenset(
@@ -107,6 +120,10 @@ class CallContext:
     is_sse: bool = False
     metered: bool = False
     prompt_tokens: int = 0
+    target: str = ""  # the path after /v1 and the query, as the upstream gets them
+    body_decoded: bool = False  # aiohttp decoded a compressed body: it goes up decoded
+    body_watch: BodyWatch | None = None
+    objects: objects.ObjectRoute | None = None  # what the call does to a team's objects
 
 
 class ProxyHandler:
@@ -116,8 +133,10 @@ class ProxyHandler:
         upstream: UpstreamClient,
         ledger: LedgerWriter,
         limiter: Limiter,
+        object_store: objects.ObjectStore,
     ) -> None:
         self.config = config
+        self.object_store = object_store
         self.upstream = upstream
         self.ledger = ledger
         self.limiter = limiter
@@ -136,6 +155,7 @@ class ProxyHandler:
         self.limiter.apply(config)
         self.authenticator = Authenticator(config)
         self._max_body = config.listen.max_request_body
+        self.upstream.use_credentials(config)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         call = CallContext(
@@ -162,6 +182,8 @@ class ProxyHandler:
             log.exception("gateway fault on %s %s", request.method, request.path)
             return self._fail(call)
         finally:
+            if call.body_watch is not None:
+                call.body_watch.stop()
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
@@ -171,19 +193,21 @@ class ProxyHandler:
 
     async def _serve(self, call: CallContext) -> web.StreamResponse:
         request = call.request
-        raw_path = request.raw_path.split("?", 1)[0]
-        # An absolute-form target (`GET http://h/v1/x`) or an encoded `/v1` would be forwarded
-        # as another path than the one authorized.
-        if not raw_path.startswith("/v1/") or _UNSAFE_PATH.search(raw_path):
-            raise GatewayError(
-                NOT_FOUND, f"Unknown request URL: {request.method} {request.path}."
-            )
+        api_path, call.target = canonical_target(request)
+        call.record.path = "/v1" + api_path
         caller = self.authenticator.authenticate(
             request.headers.get("Authorization"), today_in(self.config.limits_timezone)
         )
         call.caller = caller
         call.record.team, call.record.key_id = caller.team.name, caller.key.id
         ensure_not_expired(caller)
+        if api_path == "/organization" or api_path.startswith("/organization/"):
+            # The upstream's admin surface answers to the operator's key, never a team's.
+            raise GatewayError(NOT_FOUND, f"Unknown request URL: {request.method} /v1{api_path}.")
+        authorize_endpoint(caller.team, request.method, api_path)
+        call.objects = _object_route(request.method, api_path)
+        if call.objects is not None and call.objects.action == "use":
+            await self._check_owned(call, call.objects.referenced)
         declared = request.content_length
         if declared is not None and declared > self._max_body:
             raise GatewayError(
@@ -191,20 +215,24 @@ class ProxyHandler:
                 f"The request body ({declared} bytes) is larger than the limit of "
                 f"{self._max_body} bytes.",
             )
-        api_path = request.path[3:]
+        call.body_decoded = body_was_decoded(request)
+        if request.body_exists:
+            call.body_watch = BodyWatch(request.content, self.config.listen.body_timeout_s)
+        if call.objects is not None and call.objects.action == "list":
+            return await self._forward_list(call, api_path, call.objects.kind)
         if _is_json(request):
             return await self._forward_json(call, api_path)
         if request.body_exists and api_path in _JSON_ONLY_PATHS:
             raise GatewayError(
                 UNSUPPORTED_CONTENT_TYPE,
-                f"Unsupported content type: '{request.content_type}'. {request.path} only "
+                f"Unsupported content type: '{request.content_type}'. /v1{api_path} only "
                 "accepts 'application/json' requests.",
             )
         return await self._forward_streamed(call, api_path)
 
     async def _forward_json(self, call: CallContext, api_path: str) -> web.StreamResponse:
         try:
-            body = await read_small_body(call.request.content, self._max_body)
+            body = await read_whole_body(call.request.content, self._max_body, call.body_watch)
         except GatewayError:
             call.record.request_bytes = call.request.content.total_bytes  # read before the 413
             raise
@@ -212,13 +240,16 @@ class ProxyHandler:
         facts = RequestFacts(api_path=api_path)
         call.facts = facts
         if body:
-            facts.json_body = _parse_json_object(body)
-            model = facts.json_body.get("model")
-            facts.model = model if isinstance(model, str) else None
+            facts.json_body = parse_json_object(body)
+            facts.model = model_of(facts.json_body)
             facts.stream = facts.json_body.get("stream") is True
         call.record.model, call.record.stream = facts.model, int(facts.stream)
         assert call.caller is not None
-        authorize(call.caller.team, api_path, facts.model)
+        authorize_model(call.caller.team, facts.model)
+        if facts.json_body is not None:
+            call.objects = _created_by_body(call.objects, api_path, facts.json_body)
+            if objects.may_reference(body):
+                await self._check_owned(call, objects.referenced_ids(facts.json_body))
         if metering.wants_usage_injection(facts):
             assert facts.json_body is not None
             body = metering.inject_include_usage(body, facts.json_body)
@@ -230,43 +261,61 @@ class ProxyHandler:
         facts = RequestFacts(api_path=api_path)
         call.facts = facts
         assert call.caller is not None
-        authorize(call.caller.team, api_path, None)
         if not request.body_exists:
             return await self._exchange(call, None, None)
         team = call.caller.team
-        scanner = (
-            metering.MultipartModelScanner()
+        fields = (
+            MultipartModelParser(request.headers.get("Content-Type", ""))
             if request.content_type.startswith("multipart/")
             else None
         )
 
         def watch(chunk: bytes) -> None:
-            assert scanner is not None
-            scanner.feed(chunk)
-            if scanner.model is not None:
+            assert fields is not None
+            fields.feed(chunk)
+            if fields.model is not None:
                 # Stops the upload mid-way (the upstream discards a cut request).
-                authorize(team, api_path, scanner.model)
+                authorize_model(team, fields.model)
+
+        def before_last_piece() -> None:
+            assert fields is not None
+            fields.finish()
+            authorize_model(team, fields.model)
 
         counter = [0]
+        # A decoded body's length is known only once it has all passed: it goes chunked.
+        length = None if call.body_decoded else request.content_length
         body = stream_request_body(
-            request.content, self._max_body, counter, watch if scanner else None
+            request.content,
+            self._max_body,
+            counter,
+            watch if fields else None,
+            call.body_watch,
+            length,
         )
-        if scanner is not None and team.models is not None:
-            body = _last_piece_after(body, lambda: authorize(team, api_path, scanner.model))
+        if fields is not None:
+            # The upstream never holds a complete upload the gateway would refuse.
+            body = _last_piece_after(body, before_last_piece)
         try:
-            return await self._exchange(call, body, request.content_length)
+            return await self._exchange(call, body, length)
         finally:
             call.record.request_bytes = counter[0]
-            if scanner is not None and scanner.model:
-                facts.model = call.record.model = scanner.model
+            if fields is not None and fields.model:
+                facts.model = call.record.model = fields.model
 
     async def _exchange(
         self, call: CallContext, body: object, body_length: int | None
     ) -> web.StreamResponse:
         request, facts = call.request, call.facts
         assert facts is not None
+        assert call.caller is not None
         await self._admit(call, body_length or request.content_length or 0)
-        headers = self.upstream.upstream_headers(request.headers, body_length, facts.metered)
+        headers = self.upstream.upstream_headers(
+            request.headers,
+            body_length,
+            facts.metered or call.objects is not None,  # answers read: readable encodings
+            call.caller.team.name,
+        )
         upstream = await self._send_paced(call, headers, body)
         if upstream.status == 429 and self._may_retry(call, body):
             # A queueing team waits out the upstream's 429 once instead of passing it on.
@@ -281,7 +330,11 @@ class ProxyHandler:
             upstream.release()
 
     async def _send_paced(
-        self, call: CallContext, headers: CIMultiDict[str], body: object
+        self,
+        call: CallContext,
+        headers: CIMultiDict[str],
+        body: object,
+        target: str | None = None,
     ) -> UpstreamResponse:
         """Send once the shared upstream key has budget left (queueing teams wait for it)."""
         assert call.caller is not None
@@ -304,7 +357,7 @@ class ProxyHandler:
         try:
             answered = await self.upstream.send(
                 call.request.method,
-                call.request.raw_path[3:],
+                call.target if target is None else target,
                 headers,
                 body,  # type: ignore[arg-type]
             )
@@ -329,6 +382,8 @@ class ProxyHandler:
         record = call.record
         record.status = upstream.status
         record.upstream_request_id = upstream.headers.get("x-request-id")
+        if upstream.status == 401:
+            self._refuse_upstream_auth(call, upstream)
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason or None,
@@ -341,17 +396,16 @@ class ProxyHandler:
         )
         if stripper is None and upstream.content_length is not None:
             response.content_length = upstream.content_length
-        if facts.metered and upstream.ok:
+        claims = _claims_objects(call, upstream)
+        if (facts.metered or claims) and upstream.ok:
             call.recorder = BodyRecorder(upstream.headers.get("Content-Encoding"))
         call.response = response
         call.relayed = RelayResult()
-        if (
-            call.recorder is not None
-            and not call.is_sse
-            and upstream.content_length is not None
-            and upstream.content_length <= SMALL_BODY
-        ):
-            return await self._relay_priced(call, upstream, response)
+        small = upstream.content_length is not None and upstream.content_length <= SMALL_BODY
+        if call.recorder is not None and not call.is_sse and (claims or small):
+            return await self._relay_whole(call, upstream, response)
+        if claims and call.is_sse:
+            upstream = _ClaimingStream(upstream, lambda ids: self._claim(call, ids))  # type: ignore[assignment]
         transform = stripper.feed if stripper else None
         flush = stripper.finish if stripper else None
         budget = self._stream_budget(call) if call.is_sse and upstream.ok else None
@@ -373,8 +427,26 @@ class ProxyHandler:
             await _finish_body(response)
         if budget is not None and budget.cut:
             self._bill_cut_stream(call, budget)
+        if call.objects is not None and call.objects.deletes and upstream.ok:
+            assert call.objects.object_id is not None
+            await self.object_store.mark_deleted(call.objects.object_id)
         await self._settle(call)
         return response
+
+    def _refuse_upstream_auth(self, call: CallContext, upstream: UpstreamResponse) -> None:
+        """The client's key never goes upstream: a 401 is about the gateway's own key."""
+        upstream.close()
+        log.error(
+            "the upstream refused the credentials of team %r (401, request %s): check its "
+            "upstream key",
+            call.caller.team.name if call.caller else None,
+            upstream.headers.get("x-request-id"),
+        )
+        raise GatewayError(
+            UPSTREAM_AUTH_FAILED,
+            "The upstream API refused the gateway's own credentials. This is not a problem "
+            "with your key: the gateway's operator must check its upstream key.",
+        )
 
     def _stream_budget(self, call: CallContext) -> StreamBudget | None:
         """For `cut` teams, the output this stream may still produce under their quotas."""
@@ -411,11 +483,11 @@ class ProxyHandler:
         )
         call.record.error_code = "insufficient_quota_mid_stream"
 
-    async def _relay_priced(
+    async def _relay_whole(
         self, call: CallContext, upstream: UpstreamResponse, response: web.StreamResponse
     ) -> web.Response:
-        """A small answer is read whole first, so its cost can go in a header; it then goes
-        out in one write."""
+        """A small answer is read whole first, so its cost can go in a header (and the objects
+        it creates are the caller's before it sees their ids); it then goes out in one write."""
         assert call.recorder is not None and call.relayed is not None
         try:
             body = await upstream.read()
@@ -426,10 +498,13 @@ class ProxyHandler:
             ) from exc
         call.recorder.feed(body)
         call.record.response_bytes = len(body)
-        await self._meter(call)
-        self._price(call)
+        if call.objects is not None:
+            await self._claim_answer(call)
         headers = response.headers
-        headers[COST_HEADER] = format_usd(call.record.cost_nanousd)
+        if call.facts is not None and call.facts.metered:
+            await self._meter(call)
+            self._price(call)
+            headers[COST_HEADER] = format_usd(call.record.cost_nanousd)
         headers.popall("Content-Length", None)
         whole = web.Response(status=response.status, reason=response.reason, headers=headers)
         whole.body = body
@@ -465,6 +540,92 @@ class ProxyHandler:
             usage = await _estimate(call.facts, call.recorder, call.is_sse)
         _apply_usage(call.record, usage)
 
+    # ------------------------------------------------------------ teams' objects
+
+    async def _check_owned(self, call: CallContext, ids: list[str] | tuple[str, ...]) -> None:
+        """404, never forwarded, unless every object the call names is the caller team's."""
+        if not ids:
+            return
+        assert call.caller is not None
+        team = call.caller.team.name
+        owners = await self.object_store.owners(ids)
+        for object_id in ids:
+            owner = owners.get(object_id)
+            if owner is None or owner.team != team:
+                raise GatewayError(
+                    OBJECT_NOT_FOUND,
+                    f"No such {_object_name(object_id)}object: {object_id[:200]}",
+                    param="id",
+                )
+
+    async def _claim(self, call: CallContext, ids: list[tuple[str, str]]) -> None:
+        assert call.caller is not None
+        await self.object_store.record(ids, call.caller.team.name, call.caller.key.id)
+
+    async def _claim_answer(self, call: CallContext) -> None:
+        """Make the caller's team the owner of what a 2xx JSON answer created."""
+        route, recorder = call.objects, call.recorder
+        assert route is not None and recorder is not None and call.facts is not None
+        if call.record.status >= 300 or not recorder.complete:
+            return
+        if route.deletes:
+            assert route.object_id is not None
+            await self.object_store.mark_deleted(route.object_id)
+            return
+        try:
+            answer = orjson.loads(recorder.head())
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(answer, dict):
+            await self._claim(call, objects.created_ids(route.kind, call.facts.api_path, answer))
+
+    async def _forward_list(
+        self, call: CallContext, api_path: str, kind: str
+    ) -> web.StreamResponse:
+        """A list of a kind of objects, filtered to the caller's team (paging the upstream)."""
+        assert call.caller is not None
+        call.facts = RequestFacts(api_path=api_path)
+        await self._admit(call, 0)
+        request, team = call.request, call.caller.team.name
+        headers = self.upstream.upstream_headers(request.headers, None, False, team)
+        headers["Accept-Encoding"] = "identity"  # the pages are read and filtered here
+        path = call.target.partition("?")[0]
+        last: list[UpstreamResponse] = []
+
+        async def fetch_page(query: dict[str, str]) -> tuple[int, bytes]:
+            target = path + ("?" + urlencode(query) if query else "")
+            upstream = await self._send_paced(call, headers, None, target)
+            try:
+                if upstream.status == 401:
+                    self._refuse_upstream_auth(call, upstream)
+                last[:] = [upstream]
+                body = await upstream.read()
+            except (UpstreamError, TimeoutError, OSError) as exc:
+                raise GatewayError(
+                    UPSTREAM_UNAVAILABLE, "The upstream API broke off its answer."
+                ) from exc
+            finally:
+                upstream.release()
+            return upstream.status, body
+
+        default_limit, max_limit = objects.list_limits(kind)
+        status, body = await objects.collect_list(
+            fetch_page,
+            dict(request.query),
+            lambda ids: self.object_store.visible_to(team, ids),
+            default_limit=default_limit,
+            max_limit=max_limit,
+        )
+        record = call.record
+        record.status, record.response_bytes = status, len(body)
+        record.outcome = _outcome(status, False, False)
+        record.ttfb_ms = (time.perf_counter() - call.started) * 1000
+        if last:
+            record.upstream_request_id = last[0].headers.get("x-request-id")
+        response = web.Response(status=status, body=body, content_type="application/json")
+        self._add_gateway_headers(call, response)
+        return response
+
     async def _admit(self, call: CallContext, request_bytes: int) -> None:
         """Take the call's reservation from its key's and team's limits (may queue)."""
         caller, facts = call.caller, call.facts
@@ -477,8 +638,8 @@ class ProxyHandler:
             # A tokenizer pass over every prompt would cost more than the rest of the call;
             # about 4 bytes of JSON per token is close enough for a reservation, which is
             # settled to the upstream's real count when the call ends.
-            draw.tokens = request_bytes // BYTES_PER_TOKEN + (
-                tokens.max_output_tokens(facts.json_body) or 0
+            draw.tokens = request_bytes // BYTES_PER_TOKEN + tokens.reserved_output_tokens(
+                facts.json_body
             )
         try:
             call.admission = await self.limiter.admit(caller.team, meters, draw)
@@ -517,7 +678,7 @@ class ProxyHandler:
         response = _error_response(error.kind, error.message, error.param)
         if error.retry_after_s is not None:
             response.headers["retry-after"] = str(error.retry_after_s)
-        if error.kind.status == REQUEST_TOO_LARGE.status:
+        if error.kind in (REQUEST_TOO_LARGE, REQUEST_TIMEOUT):
             # The rest of the body is never read, so the connection cannot be reused.
             response.force_close()
         self._add_gateway_headers(call, response)
@@ -596,9 +757,11 @@ class ProxyHandler:
             self._warn_unpriced(record.model)
 
     def _warn_unpriced(self, model: str | None) -> None:
-        if model not in self._unpriced_models:
+        # Model names come from clients: the set and the line are bounded.
+        if model not in self._unpriced_models and len(self._unpriced_models) < 1000:
             self._unpriced_models.add(model)
-            log.warning("model %r has no price in the price table: its calls cost 0", model)
+            shown = model if model is None or len(model) <= 100 else model[:100] + "..."
+            log.warning("model %r has no price in the price table: its calls cost 0", shown)
 
 
 # ---------------------------------------------------------------- helpers
@@ -614,6 +777,82 @@ def _through_budget(
         lambda chunk: budget.feed(stripper.feed(chunk)),
         lambda: budget.feed(stripper.finish()) + budget.finish(),
     )
+
+
+_OBJECT_NAMES = (
+    ("file-", "File"), ("upload_", "Upload"), ("batch_", "Batch"), ("vs_", "VectorStore"),
+    ("resp_", "Response"), ("ftjob-", "FineTuningJob"), ("cntr_", "Container"),
+    ("conv_", "Conversation"), ("chatcmpl-", "ChatCompletion"),
+)  # fmt: skip
+
+
+def _object_name(object_id: str) -> str:
+    """OpenAI's name for the kind of object an id names, as its own 404 says it."""
+    return next((name + " " for prefix, name in _OBJECT_NAMES if object_id.startswith(prefix)), "")
+
+
+def _object_route(method: str, api_path: str) -> objects.ObjectRoute | None:
+    route = objects.route(method, api_path)
+    if route is not None and route.kind == "chat_completion" and route.action == "create":
+        return None  # a create only when its body stores it: `_created_by_body`
+    return route
+
+
+def _created_by_body(
+    route: objects.ObjectRoute | None, api_path: str, body: dict
+) -> objects.ObjectRoute | None:
+    """A JSON create whose body says it stores nothing creates no object."""
+    if api_path == "/chat/completions" and route is None:
+        if objects.creates_stored_chat_completion(body):
+            return objects.ObjectRoute("create", "chat_completion")
+        return None
+    if api_path == "/responses" and route is not None and body.get("store") is False:
+        return None
+    return route
+
+
+def _claims_objects(call: CallContext, upstream: UpstreamResponse) -> bool:
+    """Whether this answer is read for the objects it creates (or the one it deletes).
+    A file's content is never read: it can be large and is no object's description."""
+    route = call.objects
+    return (
+        route is not None
+        and route.action != "list"
+        and upstream.ok
+        and (upstream.content_type in ("application/json", "text/event-stream") or route.deletes)
+        and not call.facts.api_path.endswith("/content")  # type: ignore[union-attr]
+    )
+
+
+class _ClaimingStream:
+    """An upstream stream that claims the object its first event names before that event
+    is passed on, so the caller can use the object as soon as it has seen its id."""
+
+    def __init__(
+        self,
+        upstream: UpstreamResponse,
+        claim: Callable[[list[tuple[str, str]]], Awaitable[None]],
+    ) -> None:
+        self._upstream = upstream
+        self._claim = claim
+        self._head = b""
+
+    async def readany(self) -> bytes:
+        chunk = await self._upstream.readany()
+        if self._claim is not None:
+            self._head += chunk
+            found = objects.created_ids_in_stream(self._head)
+            if found or not chunk or len(self._head) > 65536 or b"\n\n" in self._head:
+                claim, self._claim = self._claim, None
+                if found:
+                    await claim(found)
+        return chunk
+
+    def close(self) -> None:
+        self._upstream.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._upstream, name)
 
 
 def _stream_ended(call: CallContext) -> bool:
@@ -637,20 +876,6 @@ def _retry_after_s(headers: CIMultiDictProxy[str]) -> float:
 def _is_json(request: web.Request) -> bool:
     content_type = request.content_type
     return content_type == "application/json" or content_type.endswith("+json")
-
-
-def _parse_json_object(body: bytes) -> dict:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise GatewayError(
-            INVALID_JSON,
-            "We could not parse the JSON body of your request. The body must be a JSON "
-            f"object ({exc.msg} at byte {exc.pos}).",
-        ) from None
-    if not isinstance(parsed, dict):
-        raise GatewayError(INVALID_JSON, "The JSON body of your request must be an object.")
-    return parsed
 
 
 def _outcome(status: int, client_gone: bool, upstream_broke: bool) -> str:

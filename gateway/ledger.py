@@ -90,13 +90,34 @@ COLUMNS = tuple(f.name for f in fields(CallRecord))
 assert tuple(_COLUMN_TYPES) == COLUMNS, "CallRecord and the schema must list the same columns"
 _as_row = attrgetter(*COLUMNS)
 
-SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS requests (\n  "
-    + ",\n  ".join(f"{name} {kind}" for name, kind in _COLUMN_TYPES.items())
-    + "\n)",
+
+def create_table(name: str, column_types: dict[str, str], typed: Callable[[str], str] = str) -> str:
+    """`CREATE TABLE IF NOT EXISTS` of these columns, each type through `typed` (a store's
+    spelling of the SQLite type)."""
+    columns = ",\n  ".join(f"{column} {typed(kind)}" for column, kind in column_types.items())
+    return f"CREATE TABLE IF NOT EXISTS {name} (\n  {columns}\n)"
+
+
+REQUEST_INDEXES = [
     "CREATE INDEX IF NOT EXISTS requests_started_at ON requests (started_at)",
     "CREATE INDEX IF NOT EXISTS requests_team_started_at ON requests (team, started_at)",
     "CREATE INDEX IF NOT EXISTS requests_key_started_at ON requests (key_id, started_at)",
+]
+# Who owns each object created through the gateway (`gateway.objects`).
+OBJECT_COLUMN_TYPES = {
+    "object_id": "TEXT PRIMARY KEY",
+    "kind": "TEXT",
+    "team": "TEXT",
+    "key_id": "TEXT",
+    "created_at": "REAL",
+    "deleted_at": "REAL",
+}
+OBJECT_INDEXES = ["CREATE INDEX IF NOT EXISTS objects_team_kind ON objects (team, kind)"]
+SCHEMA = [
+    create_table("requests", _COLUMN_TYPES),
+    *REQUEST_INDEXES,
+    create_table("objects", OBJECT_COLUMN_TYPES),
+    *OBJECT_INDEXES,
 ]
 _INSERT = (
     f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) "

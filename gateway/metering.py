@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from gateway import tokens
+from gateway.errors import INVALID_REQUEST, GatewayError
 
 # Paths (after /v1) whose responses carry OpenAI usage, and so whose tokens are metered.
 METERED_PATHS = frozenset(
@@ -128,29 +129,17 @@ def inject_include_usage(body: bytes, parsed: dict[str, Any]) -> bytes:
     options = parsed.get("stream_options")
     options = dict(options) if isinstance(options, dict) else {}
     options["include_usage"] = True
-    return orjson.dumps({**parsed, "stream_options": options})
-
-
-_MULTIPART_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{1,200})\r\n')
-
-
-class MultipartModelScanner:
-    """Finds the `model` field of a multipart body as it streams past (uploads are not held)."""
-
-    def __init__(self) -> None:
-        self.model: str | None = None
-        self._window = b""
-
-    def feed(self, chunk: bytes) -> None:
-        if self.model is not None:
-            return
-        window = self._window + chunk
-        match = _MULTIPART_MODEL.search(window)
-        if match:
-            self.model = match.group(1).decode("utf-8", "replace")
-            self._window = b""
-        else:
-            self._window = window[-512:]
+    edited = {**parsed, "stream_options": options}
+    try:
+        return orjson.dumps(edited)
+    except orjson.JSONEncodeError:
+        # orjson stops at 255 levels; the body parsed, so it is forwarded, re-encoded slower.
+        try:
+            return json.dumps(edited, ensure_ascii=False, separators=(",", ":")).encode()
+        except RecursionError:
+            raise GatewayError(
+                INVALID_REQUEST, "The JSON body of your request is nested too deeply."
+            ) from None
 
 
 # ---------------------------------------------------------------- the response side

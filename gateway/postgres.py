@@ -18,7 +18,15 @@ from typing import Any
 
 import asyncpg
 
-from gateway.ledger import _COLUMN_TYPES, COLUMNS, SCHEMA, LedgerWriter
+from gateway.ledger import (
+    _COLUMN_TYPES,
+    COLUMNS,
+    OBJECT_COLUMN_TYPES,
+    OBJECT_INDEXES,
+    REQUEST_INDEXES,
+    LedgerWriter,
+    create_table,
+)
 from gateway.readers import POSTGRES, Row
 from gateway.storage import StorageError
 
@@ -39,11 +47,11 @@ def _column_type(sqlite_type: str) -> str:
     return f"{_TYPES[kind]} {constraints}".strip()
 
 
-SCHEMA_SQL = [
-    "CREATE TABLE IF NOT EXISTS requests (\n  "
-    + ",\n  ".join(f"{name} {_column_type(kind)}" for name, kind in _COLUMN_TYPES.items())
-    + "\n)",
-    *SCHEMA[1:],  # the indexes: same names, same columns
+SCHEMA_SQL = [  # SQLite's tables and indexes: same names, same columns
+    create_table("requests", _COLUMN_TYPES, _column_type),
+    *REQUEST_INDEXES,
+    create_table("objects", OBJECT_COLUMN_TYPES, _column_type),
+    *OBJECT_INDEXES,
 ]
 # Gateways sharing one database may start together: one creates the schema at a time.
 _SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('metering-gateway schema'))"

@@ -8,6 +8,8 @@ and reports what moved.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,13 +19,14 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config import UpstreamConfig
+from gateway.config import GatewayConfig
 from gateway.errors import (
-    REQUEST_TOO_LARGE,
+    INVALID_REQUEST,
     UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
     GatewayError,
 )
+from gateway.intake import BodyStalled, BodyWatch, too_large
 from gateway.upstream import (
     ConnectionPool,
     UpstreamError,
@@ -45,29 +48,89 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Request headers never forwarded: hop-by-hop ones, those the gateway sets itself, and the
-# client's choice of OpenAI organization/project (the operator's upstream key decides those).
-_DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {
-    "host",
-    "authorization",
-    "content-length",
-    "expect",
-    "openai-organization",
-    "openai-project",
-}
-_DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length"}
+# Client headers that reach the upstream: OpenAI's request headers and content negotiation.
+# Everything else stays here: credentials in any spelling (`api-key`, `x-api-key`, cookies,
+# underscore variants a server might fold into `Authorization`), hop-by-hop headers, and the
+# client's choice of OpenAI organization/project (the team's upstream credentials decide).
+_FORWARDED_REQUEST_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "content-type",
+        "content-language",
+        "content-disposition",
+        "user-agent",
+        "idempotency-key",
+        "openai-beta",
+        "x-client-request-id",
+    }
+)
+_FORWARDED_REQUEST_PREFIXES = ("x-stainless-",)
+_DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
 # Encodings the gateway can read a copy of to find usage; others are not offered upstream.
 _READABLE_ENCODINGS = ("gzip", "deflate", "identity")
 SMALL_BODY = 256 << 10
+log = logging.getLogger("gateway.proxy")
+
+Credentials = tuple[tuple[str, str], ...]
+
+
+class HeaderPolicy:
+    """Which client headers go upstream: the fixed allow-list plus `upstream.forward_headers`
+    (exact names, or prefixes ending in `*`)."""
+
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
+        self._names = _FORWARDED_REQUEST_HEADERS | {n for n in extra if not n.endswith("*")}
+        self._prefixes = _FORWARDED_REQUEST_PREFIXES + tuple(
+            n[:-1] for n in extra if n.endswith("*")
+        )
+
+    def forwards(self, lowered_name: str) -> bool:
+        return lowered_name in self._names or lowered_name.startswith(self._prefixes)
+
+
+def team_credentials(config: GatewayConfig) -> tuple[Credentials, dict[str, Credentials]]:
+    """The upstream headers of the gateway's own key, and of each team that has its own
+    `upstream` (its key, OpenAI organization and project)."""
+    default_key = _env_key(config.upstream.api_key_env)
+    default: Credentials = (("Authorization", f"Bearer {default_key}"),)
+    per_team: dict[str, Credentials] = {}
+    for team in config.teams.values():
+        own = team.upstream
+        if own.api_key_env is None and own.organization is None and own.project is None:
+            continue
+        key = _env_key(own.api_key_env) if own.api_key_env else default_key
+        headers = [("Authorization", f"Bearer {key}")]
+        if own.organization:
+            headers.append(("OpenAI-Organization", own.organization))
+        if own.project:
+            headers.append(("OpenAI-Project", own.project))
+        per_team[team.name] = tuple(headers)
+    return default, per_team
+
+
+def _env_key(name: str) -> str:
+    key = os.environ.get(name, "")
+    if not key:
+        log.warning("%s is not set: calls will reach the upstream without a valid key", name)
+    return key
 
 
 class UpstreamClient:
     """Pooled keep-alive connections to the configured upstream, with the real key attached."""
 
-    def __init__(self, config: UpstreamConfig, api_key: str) -> None:
-        self.base = config.base_url.rstrip("/")
-        self._authorization = f"Bearer {api_key}"
-        self._pool = ConnectionPool(self.base, config.connect_timeout_s, config.timeout_s)
+    def __init__(self, config: GatewayConfig) -> None:
+        upstream = config.upstream
+        self.base = upstream.base_url.rstrip("/")
+        self._pool = ConnectionPool(self.base, upstream.connect_timeout_s, upstream.timeout_s)
+        self.use_credentials(config)
+
+    def use_credentials(self, config: GatewayConfig) -> None:
+        """Read the upstream keys from the environment (at start and at each reload)."""
+        self._default_credentials, self._team_credentials = team_credentials(config)
+        self._headers = HeaderPolicy(config.upstream.forward_headers)
 
     async def start(self) -> None:
         """Nothing to open ahead: connections are made on first use and then kept."""
@@ -76,18 +139,23 @@ class UpstreamClient:
         await self._pool.close()
 
     def upstream_headers(
-        self, client_headers: CIMultiDictProxy[str], body_length: int | None, metered: bool
+        self,
+        client_headers: CIMultiDictProxy[str],
+        body_length: int | None,
+        metered: bool,
+        team: str,
     ) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict()
         connection_tokens = _connection_tokens(client_headers.get("Connection"))
+        forwards = self._headers.forwards
         for name, value in client_headers.items():
             lowered = name.lower()
-            if lowered in _DROPPED_REQUEST_HEADERS or lowered in connection_tokens:
+            if not forwards(lowered) or lowered in connection_tokens:
                 continue
             if lowered == "accept-encoding" and metered:
                 value = _readable_encodings(value)
             headers.add(name, value)
-        headers["Authorization"] = self._authorization
+        headers.extend(self._team_credentials.get(team, self._default_credentials))
         if body_length is not None:
             headers["Content-Length"] = str(body_length)
         return headers
@@ -159,32 +227,39 @@ async def stream_request_body(
     content: aiohttp.StreamReader,
     limit: int,
     counter: list[int],
-    observe: Callable[[bytes], None] | None = None,
+    observe: Callable[[bytes], None] | None,
+    watch: BodyWatch | None,
+    declared_length: int | None,
 ) -> AsyncIterator[bytes]:
-    """Yield the client's body as it arrives, counting it into counter[0]."""
-    while chunk := await content.readany():
-        counter[0] += len(chunk)
-        if counter[0] > limit:
-            raise _too_large(limit)
-        if observe is not None:
-            observe(chunk)
-        yield chunk
-
-
-async def read_small_body(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """Read a whole body that must be inspected (JSON); 413 past `limit`."""
-    buffer = bytearray()
-    while chunk := await content.readany():
-        buffer += chunk
-        if len(buffer) > limit:
-            raise _too_large(limit)
-    return bytes(buffer)
-
-
-def _too_large(limit: int) -> GatewayError:
-    return GatewayError(
-        REQUEST_TOO_LARGE, f"The request body is larger than the limit of {limit} bytes."
-    )
+    """Yield the client's body as it arrives, counting it into counter[0]. Never more than
+    `declared_length` bytes (the length the upstream was told): a byte past it would start
+    another request on the upstream connection."""
+    bound = limit if declared_length is None else min(limit, declared_length)
+    watch_reading = watch is not None
+    try:
+        while True:
+            if watch_reading:
+                watch.reading = True  # type: ignore[union-attr]
+            chunk = await content.readany()
+            if watch_reading:
+                watch.reading = False  # type: ignore[union-attr]
+            if not chunk:
+                break
+            counter[0] += len(chunk)
+            if counter[0] > bound:
+                if counter[0] > limit:
+                    raise too_large(limit)
+                raise GatewayError(
+                    INVALID_REQUEST, "The request body is longer than its Content-Length."
+                )
+            if observe is not None:
+                observe(chunk)
+            yield chunk
+    except BodyStalled:
+        assert watch is not None
+        raise watch.error() from None
+    if declared_length is not None and counter[0] != declared_length:
+        raise GatewayError(INVALID_REQUEST, "The request body is shorter than its Content-Length.")
 
 
 class StopRelay(Exception):

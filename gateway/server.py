@@ -13,8 +13,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import HANDLER, LEDGER, READY, UPSTREAM, build_app, upstream_key
+from gateway.app import HANDLER, LEDGER, READY, UPSTREAM, build_app
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.logs import install_bad_request_filter
 from gateway.proxy import UpstreamClient
 
 log = logging.getLogger("gateway.server")
@@ -27,6 +28,9 @@ KEEPALIVE_TIMEOUT_S = 75.0
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
+    # aiohttp's report of a request its parser refused quotes the raw line (a header with a
+    # key in it, say): it is logged in short instead, whatever logging is set up.
+    install_bad_request_filter()
     return web.AppRunner(
         app,
         access_log=None,
@@ -96,7 +100,7 @@ class GatewayProcess:
         handler = self.app[HANDLER]
         if config.upstream != self.config.upstream:
             old = handler.upstream
-            fresh = UpstreamClient(config.upstream, upstream_key(config))
+            fresh = UpstreamClient(config)
             await fresh.start()
             handler.upstream = self.app[UPSTREAM] = fresh
             # Calls already under way keep the old pool until they end.

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import importlib.resources
 import json
+import math
 import threading
 import types
 from collections.abc import Callable, Iterable
@@ -227,6 +228,19 @@ def max_output_tokens(body: dict[str, Any]) -> int | None:
         return None
     for field in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            continue
+        # A float cap (`100.0`, `1e3`) is still a cap; an infinite one is none at all.
+        return math.ceil(value) if math.isfinite(value) else None
     return None
+
+
+def reserved_output_tokens(body: dict[str, Any]) -> int:
+    """The output a request may produce: its cap times the choices it asks for (`n`)."""
+    cap = max_output_tokens(body)
+    if cap is None:
+        return 0
+    choices = body.get("n")
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+        return cap * choices
+    return cap

@@ -6,7 +6,9 @@ They read through a `LedgerReader`, so they answer the same on SQLite and Postgr
 from __future__ import annotations
 
 import base64
+import binascii
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 # OpenAI's bucket limits per width: (default, max).
 BUCKET_LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+# The latest moment a query may name: 9999-12-31T23:59:59Z (unix seconds).
+MAX_TIME = 253_402_300_799
 # Group names as the APIs spell them → ledger columns.
 GROUP_COLUMNS = {
     "project_id": "team",
@@ -81,6 +85,9 @@ def check_query(query: UsageQuery, *, max_width: str | None = None) -> None:
         raise QueryError("bucket_width", "bucket_width must be one of 1m, 1h, 1d")
     if max_width is not None and query.bucket_width != max_width:
         raise QueryError("bucket_width", f"bucket_width must be {max_width}")
+    for name, moment in (("start_time", query.start_time), ("end_time", query.end_time)):
+        if not 0 <= moment <= MAX_TIME:
+            raise QueryError(name, f"{name} must be unix seconds between 0 and {MAX_TIME}")
     if query.end_time <= query.start_time:
         raise QueryError("end_time", "end_time must be after start_time")
     for name in query.group_by:
@@ -100,12 +107,14 @@ async def bucket_page(
     `limits` is (default, max) buckets per page; OpenAI's for the width when not given.
     """
     width = query.width
-    first = query.start_time - query.start_time % width
-    if query.page:
-        first = _decode_page(query.page)
+    first = page_start(query)
     default, maximum = limits or BUCKET_LIMITS[query.bucket_width]
-    limit = min(query.limit or default, maximum)
-    total = math.ceil((query.end_time - first) / width)
+    if query.limit is not None and not 1 <= query.limit <= maximum:
+        raise QueryError(
+            "limit", f"limit must be between 1 and {maximum} for bucket_width {query.bucket_width}"
+        )
+    limit = query.limit or default
+    total = -(-(query.end_time - first) // width)  # whole buckets, rounded up
     count = max(0, min(limit, total))
     buckets = [
         Bucket(first + i * width, min(first + (i + 1) * width, query.end_time))
@@ -182,12 +191,36 @@ def _encode_page(bucket_start: int) -> str:
     return "page_" + base64.urlsafe_b64encode(str(bucket_start).encode()).decode().rstrip("=")
 
 
+_PAGE_TOKEN = re.compile(r"page_[A-Za-z0-9_-]{1,24}")
+_PAGE_VALUE = re.compile(r"[0-9]{1,15}")
+
+
+def page_start(query: UsageQuery) -> int:
+    """The first bucket's start: the query's (aligned) start, or where `page` says to go on.
+
+    A cursor is only accepted for the query it came from: aligned to the bucket width and
+    inside [start_time, end_time); anything else is a 400 naming `page`."""
+    width = query.width
+    first = query.start_time - query.start_time % width
+    if not query.page:
+        return first
+    cursor = _decode_page(query.page)
+    if cursor % width or not first <= cursor < query.end_time:
+        raise QueryError("page", "page is not a cursor for this query")
+    return cursor
+
+
 def _decode_page(token: str) -> int:
+    if not _PAGE_TOKEN.fullmatch(token):
+        raise QueryError("page", "page is not a cursor this API returned")
+    raw = token.removeprefix("page_")
     try:
-        raw = token.removeprefix("page_")
-        return int(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode())
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+    except (binascii.Error, ValueError) as exc:
         raise QueryError("page", "page is not a cursor this API returned") from exc
+    if not _PAGE_VALUE.fullmatch(text):
+        raise QueryError("page", "page is not a cursor this API returned")
+    return int(text)
 
 
 async def spend_since(reader: LedgerReader, column: str, value: str, since: float) -> int:

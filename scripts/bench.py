@@ -731,7 +731,7 @@ class Stack:
         self.config.write_text(
             f"listen: {{host: 127.0.0.1, port: {self.gateway_port}}}\n"
             f'upstream: {{base_url: "http://127.0.0.1:{self.upstream_port}/v1", '
-            "api_key_env: BENCH_UPSTREAM_KEY}\n"
+            'api_key_env: BENCH_UPSTREAM_KEY, forward_headers: ["x-fake-*"]}\n'
             f"storage: {{sqlite_path: {json.dumps(str(self.ledger))}, flush_interval_ms: 100}}\n"
             "pricing: {models: {gpt-4o-mini: {input: 0.15, cached_input: 0.075, output: 0.60}}}\n"
             "teams:\n"

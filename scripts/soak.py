@@ -105,7 +105,7 @@ class Soak:
         config.write_text(
             f"listen: {{host: 127.0.0.1, port: {self.port}}}\n"
             f'upstream: {{base_url: "http://127.0.0.1:{self.fake_port}/v1", '
-            f"api_key_env: SOAK_UPSTREAM_KEY, timeout_s: 30}}\n"
+            f'api_key_env: SOAK_UPSTREAM_KEY, timeout_s: 30, forward_headers: ["x-fake-*"]}}\n'
             f"storage: {{sqlite_path: {self.ledger}, flush_interval_ms: 100}}\n"
             "log_calls: false\n"
             "pricing: {models: {gpt-4o-mini: {input: 0.15, output: 0.6}, "

@@ -149,16 +149,19 @@ async def make_gateway(tmp_path: Path, fake: Fake) -> AsyncIterator[GatewayFacto
         max_request_body: str = "64MB",
         renew_warning_days: int = 7,
         ledger_path: Path | None = None,
+        body_timeout_s: float = 60,
     ) -> Gateway:
         ledger_path = ledger_path or tmp_path / f"ledger-{len(servers)}.sqlite3"
         config_path = tmp_path / f"gateway-{len(servers)}.yaml"
         config_path.write_text(
             textwrap.dedent(
                 f"""\
-                listen: {{host: 127.0.0.1, port: 8787, max_request_body: {max_request_body}}}
+                listen: {{host: 127.0.0.1, port: 8787, max_request_body: {max_request_body},
+                          body_timeout_s: {body_timeout_s}}}
                 upstream:
                   base_url: {upstream_url or fake.base_url}
                   api_key_env: TEST_UPSTREAM_KEY
+                  forward_headers: ["x-fake-*"]
                   connect_timeout_s: 2
                   timeout_s: {timeout_s}
                 storage:

@@ -102,7 +102,8 @@ class Stack:
             textwrap.dedent(
                 f"""\
                 listen: {{host: 127.0.0.1, port: {self.port}}}
-                upstream: {{base_url: "http://127.0.0.1:{self.fake_port}/v1", api_key_env: PT_KEY}}
+                upstream: {{base_url: "http://127.0.0.1:{self.fake_port}/v1", api_key_env: PT_KEY,
+                            forward_headers: ["x-fake-*"]}}
                 storage: {{sqlite_path: {self.ledger}, flush_interval_ms: 50}}
                 pricing: {{models: {{gpt-4o-mini: {{input: 0.15, output: 0.60}}}}}}
                 """

@@ -68,6 +68,7 @@ def browser(tmp_path: Path, width: int, height: int):  # type: ignore[no-untyped
         f"--window-size={width},{height}",
     ):  # fmt: skip
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console, for CSP checks
     if width < 500:  # below headless Chromium's smallest window: emulate the phone instead
         options.add_experimental_option(
             "mobileEmulation",

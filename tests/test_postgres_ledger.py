@@ -78,6 +78,7 @@ def write_config(folder: Path, backend: str, upstream_url: str, port: int = 8787
             upstream:
               base_url: {upstream_url}
               api_key_env: TEST_UPSTREAM_KEY
+              forward_headers: ["x-fake-*"]
               connect_timeout_s: 2
               timeout_s: 5
             storage:

@@ -312,14 +312,31 @@ async def test_gzip_response_passes_compressed_and_is_metered(gateway: Gateway):
     assert (row["input_tokens"], row["output_tokens"], row["response_bytes"]) == (7, 12, len(raw))
 
 
-async def test_delete_and_unknown_paths_pass_through_with_upstream_status(gateway: Gateway):
+async def test_deleting_a_file_no_team_created_is_404_and_never_forwarded(
+    gateway: Gateway, fake: Fake
+):
     with pytest.raises(openai.NotFoundError) as caught:
         await gateway.client().files.delete("file-missing")
-    assert caught.value.code == "unknown_url"
+    # The same words as OpenAI's own 404, but from the gateway: the upstream never saw it.
+    assert caught.value.message == "Error code: 404 - No such File object: file-missing"
+    assert caught.value.code == "not_found"
+    assert [r for r in fake.state.received if r.path.startswith("/v1/files")] == []
     row = await gateway.row(caught.value.response.headers["x-gateway-request-id"])
     assert (row["method"], row["path"], row["status"], row["outcome"]) == (
         "DELETE",
         "/v1/files/file-missing",
+        404,
+        "rejected",
+    )
+
+
+async def test_unknown_paths_pass_through_with_the_upstreams_status(gateway: Gateway):
+    with pytest.raises(openai.NotFoundError) as caught:
+        await gateway.client().get("/no-such-endpoint", cast_to=object)
+    row = await gateway.row(caught.value.response.headers["x-gateway-request-id"])
+    assert (row["method"], row["path"], row["status"], row["outcome"]) == (
+        "GET",
+        "/v1/no-such-endpoint",
         404,
         "upstream_error",
     )

@@ -69,6 +69,7 @@ class Replicas:
                     upstream:
                       base_url: http://127.0.0.1:{fake_port}/v1
                       api_key_env: SO_UPSTREAM_KEY
+                      forward_headers: ["x-fake-*"]
                     storage: {{backend: postgres, dsn_env: SO_PG_DSN, flush_interval_ms: 50}}
                     limits: {{backend: redis, redis_url: "{redis_url}"}}
                     pricing: {{models: {{gpt-4o-mini: {{input: 0.15, output: 0.60}}}}}}

@@ -7,13 +7,14 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from multidict import MultiMapping
 
-from gateway.auth import Authenticator, Caller
+from gateway.auth import Authenticator, Caller, ensure_not_expired
 from gateway.config import GatewayConfig
 from gateway.errors import ADMIN_UNAUTHORIZED, INVALID_REQUEST, GatewayError, error_body
 from gateway.keys import bearer_secret, today_in
@@ -24,6 +25,7 @@ from gateway.usage import (
     BUCKET_LIMITS,
     COMPLETION_PATHS,
     GROUP_COLUMNS,
+    MAX_TIME,
     QueryError,
     UsageQuery,
     bucket_page,
@@ -60,9 +62,7 @@ class UsageApi:
     async def me(self, request: web.Request) -> web.Response:
         config = self._config()
         try:
-            caller = Authenticator(config).authenticate(
-                request.headers.get("Authorization"), today_in(config.limits_timezone)
-            )
+            caller = _key_holder(config, request)
         except GatewayError as error:
             return _error(error)
         await self._flush()
@@ -93,17 +93,16 @@ class UsageApi:
         """The caller's own key's usage over time (for the portal's charts)."""
         config = self._config()
         try:
-            caller = Authenticator(config).authenticate(
-                request.headers.get("Authorization"), today_in(config.limits_timezone)
-            )
+            caller = _key_holder(config, request)
             query = _usage_query(request.query, default_width="1d")
+            _only(query.group_by, set(GROUP_COLUMNS))
             query.group_by, query.teams = [], []
             query.key_ids = [caller.key.id]
             check_query(query)
+            await self._flush()
+            page = await bucket_page(self.ledger, query, limits=BUCKET_LIMITS["1m"])
         except (GatewayError, QueryError) as error:
             return _error(error)
-        await self._flush()
-        page = await bucket_page(self.ledger, query, limits=BUCKET_LIMITS["1m"])
         data = []
         for bucket in page.buckets:
             sums = bucket.groups[0] if bucket.groups else {}
@@ -132,10 +131,10 @@ class UsageApi:
             query = _usage_query(request.query, default_width="1h")
             check_query(query)
             query.limit = query.limit or BUCKET_LIMITS[query.bucket_width][1]
+            await self._flush()
+            page = await bucket_page(self.ledger, query, percentiles=True)
         except (GatewayError, QueryError) as error:
             return _error(error)
-        await self._flush()
-        page = await bucket_page(self.ledger, query, percentiles=True)
         data = []
         for bucket in page.buckets:
             results = []
@@ -166,10 +165,10 @@ class UsageApi:
             query.paths = COMPLETION_PATHS
             query.billable_only = True
             check_query(query)
+            await self._flush()
+            page = await bucket_page(self.ledger, query)
         except (GatewayError, QueryError) as error:
             return _error(error)
-        await self._flush()
-        page = await bucket_page(self.ledger, query)
         return web.json_response(_openai_page(page, requested, _completion_result))
 
     async def openai_costs(self, request: web.Request) -> web.Response:
@@ -179,10 +178,10 @@ class UsageApi:
             check_query(query, max_width="1d")
             _only(query.group_by, {"project_id", "line_item", "api_key_id"})
             query.billable_only = True
+            await self._flush()
+            page = await bucket_page(self.ledger, query, limits=(7, 180))
         except (GatewayError, QueryError) as error:
             return _error(error)
-        await self._flush()
-        page = await bucket_page(self.ledger, query, limits=(7, 180))
         currency = self._config().pricing.currency.lower()
         return web.json_response(
             _openai_page(page, query.group_by, lambda g, by: _cost_result(g, by, currency))
@@ -255,27 +254,38 @@ def _values(query: MultiMapping[str], name: str) -> list[str]:
     return [part for value in values for part in value.split(",") if part]
 
 
-def _int(query: MultiMapping[str], name: str, default: int | None = None) -> int | None:
+# Plain ASCII decimal integers only: no exponents, "nan", underscores or other scripts' digits,
+# and short enough that converting one costs nothing.
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+def _int(
+    query: MultiMapping[str], name: str, low: int, high: int | None, what: str = "an integer"
+) -> int | None:
     value = query.get(name)
     if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise QueryError(name, f"{name} must be an integer (unix seconds)") from None
+        return None
+    if not _INTEGER.fullmatch(value.strip()):
+        raise QueryError(name, f"{name} must be {what}")
+    number = int(value)
+    if high is None and number < low:
+        raise QueryError(name, f"{name} must be at least {low}")
+    if high is not None and not low <= number <= high:
+        raise QueryError(name, f"{name} must be between {low} and {high}")
+    return number
 
 
 def _usage_query(query: MultiMapping[str], default_width: str) -> UsageQuery:
-    start = _int(query, "start_time")
+    seconds = "an integer (unix seconds)"
+    start = _int(query, "start_time", 0, MAX_TIME, seconds)
     if start is None:
         raise QueryError("start_time", "start_time is required (unix seconds)")
-    limit = _int(query, "limit")
-    if limit is not None and limit < 1:
-        raise QueryError("limit", "limit must be at least 1")
+    end = _int(query, "end_time", 0, MAX_TIME, seconds)
+    limit = _int(query, "limit", 1, None)  # its maximum is the endpoint's, for the width
     group_by = _values(query, "group_by")
     return UsageQuery(
         start_time=start,
-        end_time=_int(query, "end_time", now()) or now(),
+        end_time=now() if end is None else end,
         bucket_width=query.get("bucket_width", default_width),
         group_by=group_by,
         teams=_values(query, "project_ids") + _values(query, "teams"),
@@ -290,6 +300,15 @@ def _only(group_by: list[str] | tuple, allowed: set[str]) -> None:  # type: igno
     for name in group_by:
         if name not in allowed:
             raise QueryError("group_by", f"group_by '{name}' is not supported here")
+
+
+def _key_holder(config: GatewayConfig, request: web.Request) -> Caller:
+    """The caller's own gateway key, refused when unknown or expired."""
+    caller = Authenticator(config).authenticate(
+        request.headers.get("Authorization"), today_in(config.limits_timezone)
+    )
+    ensure_not_expired(caller)
+    return caller
 
 
 def _usd(nanousd: int) -> float:

@@ -2,6 +2,11 @@
 
 The request path only bumps plain dict counters (`CallStats.observe`); Prometheus metric
 families are built from them when scraped, so metering costs no locks or label lookups.
+
+Label values are bounded: a client chooses its model's name, so a model the config does not
+name (in a price table or a team's `models`) is counted as `model="other"`; a dated snapshot
+of a priced model (`gpt-4o-mini-2024-07-18`) keeps its own name, up to `MAX_SNAPSHOT_LABELS`
+of them.
 """
 
 from __future__ import annotations
@@ -24,9 +29,16 @@ from gateway.config import GatewayConfig
 from gateway.keys import days_left, today_in
 from gateway.ledger import CallRecord, LedgerWriter
 from gateway.limits import Limiter
+from gateway.pricing import base_model_name
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_KINDS = ("input", "cached_input", "output", "reasoning")
+OTHER_MODEL = "other"
+# Dated snapshots of priced models counted under their own names; later ones are `other`.
+MAX_SNAPSHOT_LABELS = 500
+# Models classified and remembered (their names are at most a known name plus a date long).
+LABEL_CACHE_SIZE = 4096
+_DATE_SUFFIX_LEN = len("-2024-07-18")
 
 
 class Histogram:
@@ -46,10 +58,73 @@ class Histogram:
         return buckets
 
 
+def _raw_model_label(model: str | None) -> str:
+    return model or ""
+
+
+class ModelLabels:
+    """A call's `model` label: its own name when the config knows the model (a price table
+    names it or its base name, or a team's `models` lists it), else `other`.
+
+    Each distinct model is classified once per config object (`config` is a getter: a reload
+    starts a fresh cache); a name longer than every known name is `other` without a lookup
+    and never remembered, so neither the cache nor the labels hold client-sized strings.
+    """
+
+    def __init__(self, config: Callable[[], GatewayConfig]) -> None:
+        self._config = config
+        self._for: GatewayConfig | None = None
+        self._cache: dict[str, str] = {}
+        self._named: frozenset[str] = frozenset()
+        self._priced: tuple[frozenset[str], ...] = ()
+        self._longest = 0
+        self._snapshots: set[str] = set()  # kept across reloads: their series live on
+
+    def __call__(self, model: str | None) -> str:
+        if not model:
+            return ""
+        config = self._config()
+        if config is not self._for:
+            self._reset(config)
+        label = self._cache.get(model)
+        return label if label is not None else self._classify(model)
+
+    def _reset(self, config: GatewayConfig) -> None:
+        tables = [config.pricing, *(t.pricing for t in config.teams.values() if t.pricing)]
+        self._priced = tuple({frozenset(table.models) for table in tables})
+        allowed = (t.models for t in config.teams.values() if t.models)
+        self._named = frozenset().union(*self._priced, *allowed)
+        self._longest = max(map(len, self._named), default=0) + _DATE_SUFFIX_LEN
+        self._cache = {}
+        self._for = config
+
+    def _classify(self, model: str) -> str:
+        if len(model) > self._longest:
+            return OTHER_MODEL
+        label = OTHER_MODEL
+        if model in self._named:
+            label = model
+        else:
+            base = base_model_name(model)
+            if (
+                base != model
+                and any(base in priced for priced in self._priced)
+                and (model in self._snapshots or len(self._snapshots) < MAX_SNAPSHOT_LABELS)
+            ):
+                self._snapshots.add(model)
+                label = model
+        if len(self._cache) >= LABEL_CACHE_SIZE:
+            self._cache = {}
+        self._cache[model] = label
+        return label
+
+
 class CallStats:
     """Running totals of every recorded call."""
 
     def __init__(self) -> None:
+        # Replaced by the collector with a `ModelLabels` that knows the config.
+        self.model_label: Callable[[str | None], str] = _raw_model_label
         self.requests: dict[tuple, int] = defaultdict(int)
         self.tokens: dict[tuple, int] = defaultdict(int)
         self.bytes: dict[tuple, int] = defaultdict(int)
@@ -58,7 +133,7 @@ class CallStats:
         self.ttfb: dict[str, Histogram] = defaultdict(Histogram)
 
     def observe(self, record: CallRecord) -> None:
-        team, model = record.team or "", record.model or ""
+        team, model = record.team or "", self.model_label(record.model)
         self.requests[(team, model, str(record.status), record.outcome)] += 1
         if record.input_tokens or record.output_tokens:
             for kind, value in zip(
@@ -89,6 +164,7 @@ class GatewayCollector(Collector):
     ) -> None:
         self.stats, self.config, self.limiter = stats, config, limiter
         self.ledger, self.in_flight = ledger, in_flight
+        stats.model_label = ModelLabels(config)
 
     def collect(self) -> Iterator[Metric]:
         yield from self._counters()

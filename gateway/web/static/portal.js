@@ -1,6 +1,26 @@
 "use strict";
 // The usage portal: a key holder sees their own key; the admin key sees every team.
+// Every value from the gateway (team names, key ids, models, paths: config or client data) goes
+// into the page as text or as an attribute value, never as markup: no innerHTML anywhere, which
+// the Content-Security-Policy (no inline script or style) backs up.
 const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+
+// An element with attributes and children; strings among the children become text nodes.
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
+  node.append(...children.map((child) => (child instanceof Node ? child : String(child))));
+  return node;
+}
+
+function svgEl(tag, attributes = {}, text = null) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
+  if (text !== null) node.textContent = String(text);
+  return node;
+}
+
 const SPANS = { "1d": { seconds: 86400, count: 14 }, "1h": { seconds: 3600, count: 48 } };
 
 function formatUsd(nano) {
@@ -45,11 +65,16 @@ function renderMe(me) {
   const rows = Object.entries(me.limits).map(([name, entry]) => {
     const share = entry.limit ? Math.min(100, (100 * entry.used) / entry.limit) : 0;
     const resets = entry.resets_at ? new Date(entry.resets_at).toLocaleString() : "when a call ends";
-    return `<tr data-limit="${name}"><td>${name}<div class="bar"><span style="width:${share}%"></span></div></td>` +
-      `<td class="used">${entry.used}</td><td class="remaining">${entry.remaining} of ${entry.limit}</td><td>${resets}</td></tr>`;
+    const fill = el("span");
+    fill.style.width = `${share}%`; // a CSSOM property, which style-src 'self' allows
+    return el("tr", { "data-limit": name },
+      el("td", {}, name, el("div", { class: "bar" }, fill)),
+      el("td", { class: "used" }, entry.used),
+      el("td", { class: "remaining" }, `${entry.remaining} of ${entry.limit}`),
+      el("td", {}, resets));
   });
-  $("limits").querySelector("tbody").innerHTML =
-    rows.join("") || '<tr><td colspan="4">No limits are set for this key or its team.</td></tr>';
+  $("limits").querySelector("tbody").replaceChildren(
+    ...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 4 }, "No limits are set for this key or its team."))]));
   $("me").hidden = false;
 }
 
@@ -58,15 +83,19 @@ function barChart(element, buckets, valueOf, label) {
   const max = Math.max(1, ...values);
   const width = 600, height = 140, bottom = 18, gap = 2;
   const barWidth = width / Math.max(1, values.length);
-  const bars = values.map((value, i) => {
+  const svg = svgEl("svg", { viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none", role: "img" });
+  svg.append(svgEl("text", { x: 0, y: 10 }, `max ${label(max)}`));
+  values.forEach((value, i) => {
     const h = ((height - bottom - 12) * value) / max;
-    return `<rect x="${i * barWidth + gap / 2}" y="${height - bottom - h}" width="${barWidth - gap}" height="${h}"><title>${label(value)}</title></rect>`;
+    const bar = svgEl("rect", { x: i * barWidth + gap / 2, y: height - bottom - h, width: barWidth - gap, height: h });
+    bar.append(svgEl("title", {}, label(value)));
+    svg.append(bar);
   });
   const when = (b) => new Date(b.start_time * 1000).toISOString().slice(5, buckets.length > 20 ? 13 : 10).replace("T", " ");
-  const ticks = [0, Math.floor(values.length / 2), values.length - 1].filter((i) => buckets[i])
-    .map((i) => `<text x="${i * barWidth}" y="${height - 4}">${when(buckets[i])}</text>`);
-  element.innerHTML = `<svg viewBox="0 0 ${width} ${height}" preserveAspectRatio="none" role="img">` +
-    `<text x="0" y="10">max ${label(max)}</text>${bars.join("")}${ticks.join("")}</svg>`;
+  for (const i of [0, Math.floor(values.length / 2), values.length - 1].filter((i) => buckets[i])) {
+    svg.append(svgEl("text", { x: i * barWidth, y: height - 4 }, when(buckets[i])));
+  }
+  element.replaceChildren(svg);
 }
 
 function renderCharts(buckets) {
@@ -99,8 +128,10 @@ function renderTeams(data) {
       t.tokens += r.input_tokens + r.output_tokens; t.cost += BigInt(r.cost_nanousd);
     }
   }
-  $("team-table").querySelector("tbody").innerHTML = Object.entries(teams).sort().map(([name, t]) =>
-    `<tr data-team="${name}"><td>${name}</td><td class="calls">${t.requests}</td><td>${t.errors}</td><td>${t.tokens}</td><td class="cost">${formatUsd(t.cost)}</td></tr>`).join("");
+  $("team-table").querySelector("tbody").replaceChildren(...Object.entries(teams).sort().map(([name, t]) =>
+    el("tr", { "data-team": name },
+      el("td", {}, name), el("td", { class: "calls" }, t.requests), el("td", {}, t.errors),
+      el("td", {}, t.tokens), el("td", { class: "cost" }, formatUsd(t.cost)))));
   $("teams").hidden = false;
 }
 
@@ -114,12 +145,12 @@ async function load() {
   const me = await getJson("/gateway/me", key);
   if (me.status === 200) {
     renderMe(me.body);
-    const usage = await getJson(`/gateway/me/usage?bucket_width=${width}&start_time=${start}&end_time=${end}`, key);
+    const usage = await getJson(`/gateway/me/usage?${new URLSearchParams({ bucket_width: width, start_time: start, end_time: end })}`, key);
     renderCharts(usage.body.data);
     setStatus(`Usage of key ${me.body.key_id}.`);
     return;
   }
-  const admin = await getJson(`/gateway/usage?bucket_width=${width}&start_time=${start}&end_time=${end}&group_by=team`, key);
+  const admin = await getJson(`/gateway/usage?${new URLSearchParams({ bucket_width: width, start_time: start, end_time: end, group_by: "team" })}`, key);
   if (admin.status === 200) {
     $("me").hidden = true;
     renderCharts(totalsPerBucket(admin.body.data));
