@@ -216,7 +216,8 @@ class ProxyHandler:
                 f"{self._max_body} bytes.",
             )
         call.body_decoded = body_was_decoded(request)
-        if request.body_exists:
+        if request.body_exists and not request.content.is_eof():
+            # (A body that came whole with the headers, as small ones do, cannot stall.)
             call.body_watch = BodyWatch(request.content, self.config.listen.body_timeout_s)
         if call.objects is not None and call.objects.action == "list":
             return await self._forward_list(call, api_path, call.objects.kind)
@@ -248,7 +249,7 @@ class ProxyHandler:
         authorize_model(call.caller.team, facts.model)
         if facts.json_body is not None:
             call.objects = _created_by_body(call.objects, api_path, facts.json_body)
-            if objects.may_reference(body):
+            if _may_name_objects(api_path, body):
                 await self._check_owned(call, objects.referenced_ids(facts.json_body))
         if metering.wants_usage_injection(facts):
             assert facts.json_body is not None
@@ -430,6 +431,8 @@ class ProxyHandler:
         if call.objects is not None and call.objects.deletes and upstream.ok:
             assert call.objects.object_id is not None
             await self.object_store.mark_deleted(call.objects.object_id)
+        if claims and call.is_sse and call.recorder is not None:
+            await self._claim(call, objects.created_ids_in_stream_tail(call.recorder.tail()))
         await self._settle(call)
         return response
 
@@ -791,7 +794,26 @@ def _object_name(object_id: str) -> str:
     return next((name + " " for prefix, name in _OBJECT_NAMES if object_id.startswith(prefix)), "")
 
 
+# Hot JSON calls that name no object in their path (a stored chat completion is a create,
+# decided by its body: `_created_by_body`), and those whose bodies cannot name one either.
+_POSTS_ON_NO_OBJECT = frozenset(
+    {"/chat/completions", "/completions", "/embeddings", "/moderations", "/audio/speech",
+     "/images/generations"}
+)  # fmt: skip
+_BODIES_NAMING_NO_OBJECT = _POSTS_ON_NO_OBJECT - {"/chat/completions"}
+
+
+def _may_name_objects(api_path: str, body: bytes) -> bool:
+    """Cheap look at the raw body before the walk of `objects.referenced_ids`; a chat body
+    names objects only as content parts' `file_id` (an escaped key goes to the walk too)."""
+    if api_path == "/chat/completions":
+        return b"file" in body or b"\\u" in body
+    return api_path not in _BODIES_NAMING_NO_OBJECT and objects.may_reference(body)
+
+
 def _object_route(method: str, api_path: str) -> objects.ObjectRoute | None:
+    if method == "POST" and api_path in _POSTS_ON_NO_OBJECT:
+        return None
     route = objects.route(method, api_path)
     if route is not None and route.kind == "chat_completion" and route.action == "create":
         return None  # a create only when its body stores it: `_created_by_body`

@@ -257,6 +257,28 @@ def created_ids_in_stream(head: bytes) -> list[tuple[str, str]]:
     return []
 
 
+_FINAL_RESPONSE = re.compile(rb'"type"\s*:\s*"response\.(completed|incomplete|failed)"')
+
+
+def created_ids_in_stream_tail(tail: bytes) -> list[tuple[str, str]]:
+    """Objects a streamed response made on the way (a code-interpreter container), from the
+    final `response.completed` / `incomplete` / `failed` event in the stream's last bytes.
+    [] when that event is not whole within them."""
+    for event in reversed(_EVENT_END.split(tail)):
+        data = _event_data(event)
+        if not data or not _FINAL_RESPONSE.search(data):
+            continue
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return []
+        response = payload.get("response") if isinstance(payload, dict) else None
+        if isinstance(response, dict):
+            return created_ids("response", COLLECTION_PATHS["response"], response)
+        return []
+    return []
+
+
 def _event_data(event: bytes) -> bytes:
     """An SSE event's `data:` lines joined, as the SSE spec joins them."""
     lines = []

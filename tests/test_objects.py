@@ -31,6 +31,7 @@ from gateway.objects import (
     collect_list,
     created_ids,
     created_ids_in_stream,
+    created_ids_in_stream_tail,
     creates_stored_chat_completion,
     list_limits,
     make_object_store,
@@ -974,3 +975,33 @@ async def test_items_without_an_id_are_never_shown() -> None:
     fetch_page, _ = canned((200, body))
     answer = page_of(await collect_list(fetch_page, {}, everybody))
     assert summary(answer) == (["a"], "a", "a", False)
+
+
+@pytest.mark.parametrize("framing", [b"\n\n", b"\r\n\r\n"])
+def test_a_streamed_responses_containers_are_read_from_its_final_event(framing: bytes):
+    final = orjson.dumps(
+        {
+            "type": "response.completed",
+            "response": {
+                "id": "resp_1",
+                "object": "response",
+                "output": [
+                    {"type": "code_interpreter_call", "id": "ci_1", "container_id": "cntr_9"},
+                    {"type": "message", "content": []},
+                ],
+            },
+        },
+        option=orjson.OPT_INDENT_2,
+    ).replace(b"\n", b" ")
+    tail = (
+        b'data: {"type":"response.output_text.delta","delta":"x"}'
+        + framing
+        + b"event: response.completed"
+        + framing[: len(framing) // 2]
+        + b"data: "
+        + final
+        + framing
+    )
+    assert created_ids_in_stream_tail(tail) == [("resp_1", "response"), ("cntr_9", "container")]
+    assert created_ids_in_stream_tail(tail[: len(tail) // 2 + 40]) == []
+    assert created_ids_in_stream_tail(b'data: {"type":"response.output_text.delta"}\n\n') == []

@@ -563,3 +563,26 @@ async def test_a_stored_response_is_its_teams_also_when_streamed(
             await other.responses.create(
                 model="gpt-4o-mini", input="x", previous_response_id=response_id
             )
+
+
+async def test_a_chat_call_cannot_read_another_teams_file_even_with_an_escaped_key(
+    make_gateway: GatewayFactory, fake: Fake
+):
+    gateway = await make_gateway(teams=TWO_TEAMS)
+    made = await gateway.client(RESEARCH_KEY).files.create(
+        file=("a.pdf", b"%PDF-1.4"), purpose="user_data"
+    )
+    forwarded = len(api_calls(fake))
+    for key_text in ('"file_id"', '"file\\u005fid"'):
+        body = (
+            '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": ['
+            '{"type": "text", "text": "summarize"}, '
+            f'{{"type": "file", "file": {{{key_text}: "{made.id}"}}}}]}}]}}'
+        ).encode()
+        assert orjson.loads(body)["messages"][0]["content"][1]["file"] == {"file_id": made.id}
+        status, _, answer = await call(
+            gateway, "POST", "/v1/chat/completions", key=OTHER_KEY, body=body,
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        assert (status, error_code(answer)) == (404, "not_found")
+    assert len(api_calls(fake)) == forwarded
