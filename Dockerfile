@@ -13,18 +13,18 @@ COPY gateway/ gateway/
 RUN python -m venv --without-pip /opt/venv \
  && pip --python /opt/venv/bin/python install --no-cache-dir .
 
-# Container config: the sample config with the ledger on the /data volume, the price table
-# beside it and every interface listened on. The build fails if a rewrite did not apply.
+# Container config: the sample config with the ledger on the /data volume and every interface
+# listened on; prices from the builtin database, with the sample table beside it for a config
+# that pins or overrides with it. The build fails if a rewrite did not apply.
 FROM builder AS config
 COPY config/ config/
 RUN mkdir -p /etc/metering-gateway \
  && cp config/pricing.yaml /etc/metering-gateway/pricing.yaml \
  && sed -e 's#^\( *sqlite_path:\).*#\1 /data/ledger.sqlite3#' \
-        -e 's#^pricing:.*#pricing: /etc/metering-gateway/pricing.yaml#' \
         -e 's#host: 127\.0\.0\.1#host: 0.0.0.0#' \
         config/gateway.yaml > /etc/metering-gateway/gateway.yaml \
  && grep -qx ' *sqlite_path: /data/ledger.sqlite3' /etc/metering-gateway/gateway.yaml \
- && grep -qx 'pricing: /etc/metering-gateway/pricing.yaml' /etc/metering-gateway/gateway.yaml \
+ && grep -qx 'pricing: {table: builtin, unknown_model: estimate}' /etc/metering-gateway/gateway.yaml \
  && /opt/venv/bin/metering-gateway check-config /etc/metering-gateway/gateway.yaml
 
 FROM python:3.12-slim

@@ -11,7 +11,8 @@ from __future__ import annotations
 from gateway import tokens
 from gateway.limits import SPEND, TOKENS, Admission, Calendar
 from gateway.metering import last_event_end, text_of_sse
-from gateway.pricing import PriceTable
+from gateway.prices import PriceBook
+from gateway.pricing import PICO_PER_NANO
 from gateway.proxy import StopRelay
 
 
@@ -19,22 +20,24 @@ def output_budget(
     admission: Admission,
     calendar: Calendar,
     now: float,
-    prices: PriceTable,
+    prices: PriceBook,
     model: str | None,
     prompt_tokens: int,
 ) -> int | None:
-    """Output tokens the call may still produce under its token and spend quotas."""
+    """Output tokens the call may still produce under its token and spend quotas (spend at the
+    standard prices in force now, in pico-USD per token)."""
     budgets = []
-    price = prices.price_for(model)
+    rates = prices.token_rates_picousd(model, at=now, input_tokens=prompt_tokens)
     for meter in admission.meters:
         for quota in meter.quotas:
             quota.roll(calendar, now)
             available = quota.limit - (quota.used - admission.reserved.of(quota.kind))
             if quota.kind == TOKENS:
                 budgets.append(available - prompt_tokens)
-            elif quota.kind == SPEND and price is not None and price.output_nanousd > 0:
-                prompt_cost = prompt_tokens * price.input_nanousd
-                budgets.append((available - prompt_cost) // price.output_nanousd)
+            elif quota.kind == SPEND and rates is not None and rates[1] > 0:
+                input_rate, output_rate = rates
+                prompt_cost = prompt_tokens * input_rate
+                budgets.append((available * PICO_PER_NANO - prompt_cost) // output_rate)
     return max(0, min(budgets)) if budgets else None
 
 
@@ -84,4 +87,3 @@ class StreamBudget:
     def delivered_tokens(self) -> int:
         """Exact count of the text the client received (one pass over all of it)."""
         return tokens.count_text(self.model, "".join(self.delivered))
-

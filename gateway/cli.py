@@ -76,6 +76,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.file)
     for warning in expired_key_warnings(config, args.file, today_in(config.limits_timezone)):
         print(warning, file=sys.stderr)
+    for warning in unpriced_model_warnings(config, args.file):
+        print(warning, file=sys.stderr)
     keys = sum(len(team.keys) for team in config.teams.values())
     print(f"{args.file}: ok ({len(config.teams)} teams, {keys} keys)")
     return EXIT_OK
@@ -92,6 +94,46 @@ def expired_key_warnings(config: GatewayConfig, filename: str, today: date) -> l
         for key in team.keys
         if key.expires is not None and key.expires < today
     ]
+
+
+def unpriced_model_warnings(config: GatewayConfig, filename: str) -> list[str]:
+    """`FILE:LINE: warning: ...` for each model a team's `models` allows that has no price of
+    its own in what the team is priced with; LINE is the line of that model's name."""
+    lines = _allowed_model_lines(config.path)
+    warnings = []
+    for team in config.teams.values():
+        prices = config.team_prices(team.name)
+        for model in sorted(team.models or ()):
+            if prices.is_priced(model):
+                continue
+            found = prices.find(model)
+            if prices.unknown_model == "reject":
+                fate = "its calls are refused with 400 model_not_priced"
+            elif found is not None:
+                fate = f"priced as '{found[1]}', the nearest known model of its family"
+            else:
+                fate = "its calls cost 0"
+            warnings.append(
+                f"{filename}:{lines.get((team.name, model), 1)}: warning: model '{model}' allowed "
+                f"for team '{team.name}' has no price ({fate})"
+            )
+    return sorted(warnings, key=lambda line: int(line[len(filename) + 1 :].split(":", 1)[0]))
+
+
+def _allowed_model_lines(path: Path) -> dict[tuple[str, str], int]:
+    """(team, model) → the line of that model in the team's `models` list (1-based)."""
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    found: dict[tuple[str, str], int] = {}
+    teams = _entry(root, "teams")
+    for team_key, team_node in teams.value if isinstance(teams, yaml.MappingNode) else []:
+        models = _entry(team_node, "models")
+        for item in models.value if isinstance(models, yaml.SequenceNode) else []:
+            if isinstance(item, yaml.ScalarNode):
+                found[(team_key.value, item.value)] = item.start_mark.line + 1
+    return found
 
 
 def _expires_lines(path: Path) -> dict[tuple[str, str], int]:
@@ -193,13 +235,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_reprice(args: argparse.Namespace) -> int:
+    from gateway.prices import BUILTIN, PriceBook
     from gateway.pricing import PricingError, load_price_table
     from gateway.reports import parse_when
     from gateway.reprice import reprice
 
     config = _load(args.config)
     try:
-        prices = load_price_table(args.pricing)
+        if args.pricing is None:
+            prices = config.pricing
+        elif args.pricing == BUILTIN:
+            prices = PriceBook.builtin(unknown_model=config.pricing.unknown_model)
+        else:
+            prices = PriceBook(load_price_table(args.pricing))
         since = parse_when(args.since, config.limits_timezone)
     except (PricingError, OSError, ValueError) as exc:
         print(f"reprice: {exc}", file=sys.stderr)
@@ -209,6 +257,39 @@ def cmd_reprice(args: argparse.Namespace) -> int:
     )
     print("\n".join(result.lines(applied=not args.dry_run)))
     return EXIT_OK
+
+
+def cmd_prices(args: argparse.Namespace) -> int:
+    import json
+    from datetime import UTC, datetime
+
+    from gateway.prices import PriceBook, render_prices
+    from gateway.pricing import PricingError
+
+    try:
+        on = date.fromisoformat(args.at) if args.at else datetime.now(UTC).date()
+    except ValueError:
+        print(f"--at: '{args.at}' is not YYYY-MM-DD", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        book = _load(args.config).pricing if args.config else PriceBook.builtin()
+    except PricingError as exc:
+        print(f"prices: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    entries, missing = [], []
+    for model in args.models or book.listed_models():
+        entry = book.describe(model, on=on, tier=args.tier)
+        if entry is None:
+            missing.append(model)
+        else:
+            entries.append(entry)
+    if args.format == "json":
+        print(json.dumps(entries, indent=2))
+    else:
+        print(render_prices(entries))
+    for model in missing:
+        print(f"prices: no price for '{model}'", file=sys.stderr)
+    return EXIT_FAILURE if missing else EXIT_OK
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
@@ -290,9 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     reprice = commands.add_parser("reprice", help="recompute ledger costs under new prices")
     _config_option(reprice)
     reprice.add_argument("--since", required=True, help="YYYY-MM-DD, ISO time, or 7d ago")
-    reprice.add_argument("--pricing", required=True, help="the new price table (YAML)")
+    reprice.add_argument(
+        "--pricing", help="builtin (the price database) or a table file (default: the config's)"
+    )
     reprice.add_argument("--dry-run", action="store_true", help="report only, write nothing")
     reprice.set_defaults(run=cmd_reprice)
+
+    prices = commands.add_parser("prices", help="the prices a call pays, from the price database")
+    prices.add_argument("models", nargs="*", metavar="MODEL", help="models (default: every one)")
+    prices.add_argument("--at", help="YYYY-MM-DD (UTC; default: today)")
+    prices.add_argument("--tier", help="flex, priority, ... or batch (default: standard)")
+    prices.add_argument("--format", choices=("table", "json"), default="table")
+    prices.add_argument("--config", help="the prices this config charges (default: the database)")
+    prices.set_defaults(run=cmd_prices)
 
     reconcile = commands.add_parser("reconcile", help="the gateway's figures beside OpenAI's")
     _config_option(reconcile)

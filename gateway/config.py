@@ -18,7 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from gateway.pricing import PriceTable, PricingError, load_price_table
+from gateway.prices import BUILTIN, PriceBook
+from gateway.pricing import UNKNOWN_MODEL_POLICIES, PricingError, load_price_table
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -112,7 +113,7 @@ class TeamConfig:
     limits: Limits = field(default_factory=Limits)
     billing: Billing = field(default_factory=Billing)
     keys: tuple[KeyConfig, ...] = ()
-    pricing: PriceTable | None = None
+    pricing: PriceBook | None = None
     pricing_overrides: Mapping[str, Any] | None = None  # as written, to apply over a new table
     enforce: bool = True
     on_budget_exhausted_mid_stream: str = "finish"
@@ -162,7 +163,7 @@ class GatewayConfig:
     upstream: UpstreamConfig
     storage: StorageConfig
     admin: AdminConfig
-    pricing: PriceTable
+    pricing: PriceBook
     limits_timezone: ZoneInfo
     renew_warning_days: int
     limits_backend: LimitsBackendConfig
@@ -174,7 +175,8 @@ class GatewayConfig:
     def keys_by_hash(self) -> dict[bytes, KeyConfig]:
         return {key.sha256: key for team in self.teams.values() for key in team.keys}
 
-    def team_prices(self, team: str | None) -> PriceTable:
+    def team_prices(self, team: str | None) -> PriceBook:
+        """What a team's calls are priced with: the global book under the team's `pricing:`."""
         team_config = self.teams.get(team) if team else None
         return team_config.pricing if team_config and team_config.pricing else self.pricing
 
@@ -195,6 +197,9 @@ class _Problems:
 
     def __bool__(self) -> bool:
         return bool(self._found)
+
+    def __len__(self) -> int:
+        return len(self._found)
 
     def sorted(self) -> list[str]:
         """In file order (stable, so problems on one line keep the order they were found)."""
@@ -547,7 +552,7 @@ _TEAM_KEYS = {
 
 
 def _team(
-    name: str, node: yaml.Node, global_prices: PriceTable | None, problems: _Problems
+    name: str, node: yaml.Node, global_prices: PriceBook | None, problems: _Problems
 ) -> TeamConfig:
     where = f"teams.{name}"
     entries = _mapping(node, where, problems, _TEAM_KEYS)
@@ -621,17 +626,72 @@ def _resolve_path(value: str, config_dir: Path) -> Path:
     return beside_config if beside_config.exists() else path
 
 
-def _prices(node: yaml.Node | None, config_dir: Path, problems: _Problems) -> PriceTable | None:
+PRICING_KEYS = {"table", "overrides", "unknown_model"}
+
+
+def _prices(node: yaml.Node | None, config_dir: Path, problems: _Problems) -> PriceBook | None:
+    """`pricing`: absent → the database; a path or an inline table → that table alone (unknown
+    models estimated); `{table, overrides, unknown_model}` → a table (default: the database)
+    under an override table."""
+    if node is None:
+        return PriceBook.builtin()
+    if isinstance(node, yaml.MappingNode) and any(
+        isinstance(key, yaml.ScalarNode) and key.value in PRICING_KEYS for key, _ in node.value
+    ):
+        return _layered_prices(node, config_dir, problems)
     try:
-        if node is None:
-            return load_price_table({"models": {}})
         value = _plain(node)
         if isinstance(value, str):
-            return load_price_table(_resolve_path(value, config_dir))
-        return load_price_table(value)
+            return PriceBook(load_price_table(_resolve_path(value, config_dir)))
+        return PriceBook(load_price_table(value))
     except (PricingError, OSError, ValueError, TypeError, yaml.YAMLError) as exc:
         problems.add(node, f"pricing: {exc}")
         return None
+
+
+def _layered_prices(node: yaml.Node, config_dir: Path, problems: _Problems) -> PriceBook | None:
+    entries = _mapping(node, "pricing", problems, PRICING_KEYS)
+    before = len(problems)
+    policy = _field(entries, "unknown_model", _choice(*UNKNOWN_MODEL_POLICIES), "pricing", problems)
+    table_value = _field(entries, "table", _string, "pricing", problems) or BUILTIN
+    overrides: Any = None
+    try:
+        if "overrides" in entries:
+            overrides = _plain(entries["overrides"])
+            if isinstance(overrides, str):
+                overrides = _table_mapping(_resolve_path(overrides, config_dir))
+    except (PricingError, OSError, yaml.YAMLError) as exc:
+        problems.add(entries["overrides"], f"pricing.overrides: {exc}")
+        return None
+    if len(problems) > before:
+        return None
+    where = entries.get("table", node)
+    try:
+        if table_value == BUILTIN:
+            base = PriceBook.builtin(unknown_model=policy or "estimate")
+        else:
+            table = load_price_table(_resolve_path(table_value, config_dir))
+            base = PriceBook(table, unknown_model=policy or "estimate")
+    except (PricingError, OSError, ValueError, yaml.YAMLError) as exc:
+        problems.add(where, f"pricing.table: {exc}")
+        return None
+    if overrides is None:
+        return base
+    try:
+        return base.with_overrides(overrides, "pricing.overrides")
+    except (PricingError, ValueError, TypeError) as exc:
+        problems.add(entries["overrides"], str(exc))
+        return None
+
+
+def _table_mapping(path: Path) -> Any:
+    """A table file's mapping as written (overrides apply only the fields they give)."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        mapping = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PricingError(f"{path}: not valid YAML: {exc}") from exc
+    return {} if mapping is None else mapping
 
 
 SECTIONS: dict[str, dict[str, Callable[[Any], Any]]] = {
@@ -672,6 +732,7 @@ def documented_keys() -> dict[str, set[str]]:
     return {
         "top": set(_TOP_KEYS),
         **{name: set(checks) for name, checks in SECTIONS.items()},
+        "pricing": set(PRICING_KEYS),
         "teams.<team>": set(_TEAM_KEYS),
         "teams.<team>.queue": set(QUEUE_KEYS),
         "teams.<team>.upstream": set(TEAM_UPSTREAM_KEYS),

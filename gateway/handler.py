@@ -34,6 +34,7 @@ from gateway.budget import StreamBudget, output_budget
 from gateway.config import GatewayConfig
 from gateway.errors import (
     GATEWAY_FAULT,
+    MODEL_NOT_PRICED,
     NOT_FOUND,
     OBJECT_NOT_FOUND,
     QUEUE_TIMEOUT,
@@ -245,8 +246,11 @@ class ProxyHandler:
             facts.model = model_of(facts.json_body)
             facts.stream = facts.json_body.get("stream") is True
         call.record.model, call.record.stream = facts.model, int(facts.stream)
+        if api_path == "/audio/speech":
+            call.record.input_characters = metering.input_characters(facts.json_body)
         assert call.caller is not None
         authorize_model(call.caller.team, facts.model)
+        self._ensure_priced(call.caller.team.name, facts.model)
         if facts.json_body is not None:
             call.objects = _created_by_body(call.objects, api_path, facts.json_body)
             if _may_name_objects(api_path, body):
@@ -274,14 +278,18 @@ class ProxyHandler:
         def watch(chunk: bytes) -> None:
             assert fields is not None
             fields.feed(chunk)
-            if fields.model is not None:
+            if fields.model is not None and facts.model is None:
+                # Known before the answer is metered and priced.
+                facts.model = call.record.model = fields.model
                 # Stops the upload mid-way (the upstream discards a cut request).
                 authorize_model(team, fields.model)
+                self._ensure_priced(team.name, fields.model)
 
         def before_last_piece() -> None:
             assert fields is not None
             fields.finish()
             authorize_model(team, fields.model)
+            self._ensure_priced(team.name, fields.model)
 
         counter = [0]
         # A decoded body's length is known only once it has all passed: it goes chunked.
@@ -436,6 +444,17 @@ class ProxyHandler:
         await self._settle(call)
         return response
 
+    def _ensure_priced(self, team: str, model: str | None) -> None:
+        """With `pricing.unknown_model: reject`, a model without a price is never forwarded."""
+        prices = self.config.team_prices(team)
+        if model is not None and prices.unknown_model == "reject" and not prices.is_priced(model):
+            raise GatewayError(
+                MODEL_NOT_PRICED,
+                f"The model '{model[:100]}' has no price in this gateway's price table, and "
+                "the gateway is set to refuse unpriced models.",
+                param="model",
+            )
+
     def _refuse_upstream_auth(self, call: CallContext, upstream: UpstreamResponse) -> None:
         """The client's key never goes upstream: a 401 is about the gateway's own key."""
         upstream.close()
@@ -538,7 +557,7 @@ class ProxyHandler:
         if call.recorder is None or call.facts is None or call.metered:
             return
         call.metered = True
-        usage = metering.usage_in_tail(call.recorder.tail())
+        usage = metering.usage_of_recording(call.recorder, call.is_sse)
         if usage is None:
             usage = await _estimate(call.facts, call.recorder, call.is_sse)
         _apply_usage(call.record, usage)
@@ -745,26 +764,31 @@ class ProxyHandler:
     def _price(self, call: CallContext) -> None:
         record = call.record
         prices = self.config.team_prices(record.team)
-        record.cost_nanousd, priced = prices.cost_nanousd(
-            record.model,
-            input_tokens=record.input_tokens,
-            cached_input_tokens=record.cached_input_tokens,
-            output_tokens=record.output_tokens,
-            request_bytes=record.request_bytes,
-            response_bytes=record.response_bytes,
+        # At the prices in force when the call started, for the tier that served it.
+        record.cost_nanousd, priced = prices.cost_of(
+            record,
+            model=record.model,
+            at=record.started_at,
+            service_tier=record.service_tier,
+            batch=bool(record.batch),
             billable=200 <= record.status < 300,
         )
         record.price_unknown = int(not priced)
         record.pricing_hash = prices.content_hash
         if not priced:
-            self._warn_unpriced(record.model)
+            self._warn_unpriced(record.model, prices.unknown_model)
 
-    def _warn_unpriced(self, model: str | None) -> None:
+    def _warn_unpriced(self, model: str | None, policy: str) -> None:
         # Model names come from clients: the set and the line are bounded.
         if model not in self._unpriced_models and len(self._unpriced_models) < 1000:
             self._unpriced_models.add(model)
             shown = model if model is None or len(model) <= 100 else model[:100] + "..."
-            log.warning("model %r has no price in the price table: its calls cost 0", shown)
+            how = (
+                "its calls are priced as the nearest model of its family (price_unknown = 1)"
+                if policy == "estimate"
+                else "its calls cost 0 (price_unknown = 1)"
+            )
+            log.warning("model %r has no price in the price table: %s", shown, how)
 
 
 # ---------------------------------------------------------------- helpers
@@ -914,6 +938,16 @@ def _apply_usage(record: CallRecord, usage: Usage) -> None:
     record.output_tokens = usage.output_tokens
     record.reasoning_tokens = usage.reasoning_tokens
     record.tokens_estimated = int(usage.estimated)
+    record.cache_write_tokens = usage.cache_write_tokens
+    record.audio_input_tokens = usage.audio_input_tokens
+    record.audio_output_tokens = usage.audio_output_tokens
+    record.image_input_tokens = usage.image_input_tokens
+    record.image_output_tokens = usage.image_output_tokens
+    record.rejected_prediction_tokens = usage.rejected_prediction_tokens
+    record.web_search_calls = usage.web_search_calls
+    record.file_search_calls = usage.file_search_calls
+    record.audio_seconds = usage.audio_seconds
+    record.service_tier = usage.service_tier
 
 
 async def _estimate(facts: RequestFacts, recorder: BodyRecorder, is_sse: bool) -> Usage:

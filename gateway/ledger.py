@@ -55,6 +55,20 @@ class CallRecord:
     shadow_rejected_by: str | None = None
     pricing_hash: str | None = None
     price_unknown: int = 0
+    # Schema version 2 (SPEC "Prices from a maintained source"): each count a subset of the
+    # token column it names, as the upstream reports it.
+    cache_write_tokens: int = 0  # of input
+    audio_input_tokens: int = 0  # of input
+    audio_output_tokens: int = 0  # of output
+    image_input_tokens: int = 0  # of input
+    image_output_tokens: int = 0  # of output
+    rejected_prediction_tokens: int = 0  # of output
+    web_search_calls: int = 0
+    file_search_calls: int = 0
+    service_tier: str | None = None  # the tier the response says served the call
+    batch: int = 0  # 1 for Batch API usage
+    audio_seconds: float = 0.0  # duration-priced transcription
+    input_characters: int = 0  # character-priced speech
 
 
 _COLUMN_TYPES = {
@@ -85,6 +99,20 @@ _COLUMN_TYPES = {
     "shadow_rejected_by": "TEXT",
     "pricing_hash": "TEXT",
     "price_unknown": "INTEGER",
+    # Version 2. The defaults fill the rows of a ledger upgraded in place (and the rows of a
+    # gateway of an older release still writing to an upgraded ledger).
+    "cache_write_tokens": "INTEGER DEFAULT 0",
+    "audio_input_tokens": "INTEGER DEFAULT 0",
+    "audio_output_tokens": "INTEGER DEFAULT 0",
+    "image_input_tokens": "INTEGER DEFAULT 0",
+    "image_output_tokens": "INTEGER DEFAULT 0",
+    "rejected_prediction_tokens": "INTEGER DEFAULT 0",
+    "web_search_calls": "INTEGER DEFAULT 0",
+    "file_search_calls": "INTEGER DEFAULT 0",
+    "service_tier": "TEXT",
+    "batch": "INTEGER DEFAULT 0",
+    "audio_seconds": "REAL DEFAULT 0.0",
+    "input_characters": "INTEGER DEFAULT 0",
 }
 COLUMNS = tuple(f.name for f in fields(CallRecord))
 assert tuple(_COLUMN_TYPES) == COLUMNS, "CallRecord and the schema must list the same columns"
@@ -113,12 +141,20 @@ OBJECT_COLUMN_TYPES = {
     "deleted_at": "REAL",
 }
 OBJECT_INDEXES = ["CREATE INDEX IF NOT EXISTS objects_team_kind ON objects (team, kind)"]
+# The ledger's schema version, one row of `gateway_schema`. Version 1 is the ledger of the
+# releases that recorded none (no `gateway_schema` table); version 2 added the columns from
+# `cache_write_tokens` on. An older ledger is upgraded in place at start by adding the columns
+# it lacks; a newer one is refused (this code would not write what its readers expect).
+SCHEMA_VERSION = 2
+VERSION_COLUMN_TYPES = {"version": "INTEGER NOT NULL"}
 SCHEMA = [
     create_table("requests", _COLUMN_TYPES),
     *REQUEST_INDEXES,
     create_table("objects", OBJECT_COLUMN_TYPES),
     *OBJECT_INDEXES,
+    create_table("gateway_schema", VERSION_COLUMN_TYPES),
 ]
+WRITE_VERSION = ["DELETE FROM gateway_schema", "INSERT INTO gateway_schema (version) VALUES (?)"]
 _INSERT = (
     f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -126,12 +162,96 @@ _INSERT = (
 _PRAGMAS = ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000"]
 
 
+def add_column(name: str, typed: Callable[[str], str] = str) -> str:
+    """The `ALTER TABLE` that adds a `requests` column a ledger lacks (with its default)."""
+    return f"ALTER TABLE requests ADD COLUMN {name} {typed(_COLUMN_TYPES[name])}"
+
+
+def schema_version(recorded: int | None, has_requests: bool) -> int | None:
+    """A ledger's version from its `gateway_schema` row (None: no row or no table); None for
+    a database without a ledger yet."""
+    if recorded is not None:
+        return recorded
+    return 1 if has_requests else None
+
+
+def check_version(version: int | None, where: str) -> None:
+    """Refuse a ledger written by a newer metering-gateway."""
+    if version is not None and version > SCHEMA_VERSION:
+        from gateway.storage import LedgerTooNew  # gateway.storage imports this module
+
+        raise LedgerTooNew(
+            f"the ledger at {where} has schema version {version}; this metering-gateway knows"
+            f" up to {SCHEMA_VERSION}: upgrade metering-gateway"
+        )
+
+
+def sqlite_schema(db: sqlite3.Connection) -> tuple[int | None, list[str]]:
+    """The ledger's schema version and the `requests` columns it lacks."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    present = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+    recorded = None
+    if "gateway_schema" in tables:
+        (recorded,) = db.execute("SELECT MAX(version) FROM gateway_schema").fetchone()
+    version = schema_version(recorded, "requests" in tables)
+    missing = [name for name in COLUMNS if present and name not in present]
+    return version, missing
+
+
 def prepare_database(path: Path) -> None:
-    """Create the file, schema and WAL mode (blocking; called before serving starts)."""
+    """Create the file, schema and WAL mode, or upgrade an older ledger in place: the columns
+    it lacks added (existing rows get their defaults) and the version written, in one
+    transaction (blocking; called before serving starts). A newer ledger is refused."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path) as db:
-        for statement in _PRAGMAS + SCHEMA:
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for statement in _PRAGMAS:
             db.execute(statement)
+        # IMMEDIATE: the write lock first, so of several processes starting on one ledger
+        # (workers, the objects store) one upgrades it and the others find it done.
+        db.execute("BEGIN IMMEDIATE")
+        version, missing = sqlite_schema(db)
+        try:
+            check_version(version, str(path))
+            for statement in SCHEMA:
+                db.execute(statement)
+            for name in missing:
+                db.execute(add_column(name))
+            if version != SCHEMA_VERSION:
+                db.execute(WRITE_VERSION[0])
+                db.execute(WRITE_VERSION[1], (SCHEMA_VERSION,))
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error) and version is not None:
+                from gateway.storage import StorageError
+
+                raise StorageError(
+                    f"the ledger at {path} (schema version {version}) could not be brought"
+                    f" to version {SCHEMA_VERSION}: {exc}"
+                ) from exc
+            raise
+    if missing or version not in (None, SCHEMA_VERSION):
+        log.info(
+            "ledger %s: schema version %s upgraded to %d (columns added: %s)",
+            path, version, SCHEMA_VERSION, ", ".join(missing) or "none",
+        )  # fmt: skip
+
+
+def upgrade_for_reading(path: Path) -> None:
+    """Before a command reads an existing ledger: refuse a newer one, bring an older one to
+    this version (as `serve` would), so every column the readers name is there. A file
+    without a ledger is left as it is (it reads as no rows)."""
+    if not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            version, missing = sqlite_schema(db)
+    except sqlite3.Error:
+        return  # not readable as a ledger: the reads say why, as before
+    check_version(version, str(path))
+    if version is not None and (missing or version != SCHEMA_VERSION):
+        prepare_database(path)
 
 
 class LedgerWriter:

@@ -731,7 +731,7 @@ class PostgresObjectStore(ObjectStore):
     async def open(self) -> None:
         import asyncpg
 
-        from gateway.postgres import CONNECT_TIMEOUT_S, WRITE_ERRORS, create_schema
+        from gateway.postgres import CONNECT_TIMEOUT_S, WRITE_ERRORS, create_schema, safe_dsn
 
         try:
             # min_size 0: a connection lost in an outage is replaced on the next acquire.
@@ -739,10 +739,13 @@ class PostgresObjectStore(ObjectStore):
                 self._dsn, min_size=0, max_size=PG_POOL_SIZE, timeout=CONNECT_TIMEOUT_S
             )
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
-                await create_schema(connection)
+                await create_schema(connection, safe_dsn(self._dsn))
         except (*WRITE_ERRORS, ValueError) as exc:  # ValueError: a malformed DSN
             await self.close()
             raise self._unavailable(exc) from None
+        except StorageError:  # a ledger this version cannot use
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -24,8 +24,14 @@ from gateway.ledger import (
     OBJECT_COLUMN_TYPES,
     OBJECT_INDEXES,
     REQUEST_INDEXES,
+    SCHEMA_VERSION,
+    VERSION_COLUMN_TYPES,
+    WRITE_VERSION,
     LedgerWriter,
+    add_column,
+    check_version,
     create_table,
+    schema_version,
 )
 from gateway.readers import POSTGRES, Row
 from gateway.storage import StorageError
@@ -52,8 +58,9 @@ SCHEMA_SQL = [  # SQLite's tables and indexes: same names, same columns
     *REQUEST_INDEXES,
     create_table("objects", OBJECT_COLUMN_TYPES, _column_type),
     *OBJECT_INDEXES,
+    create_table("gateway_schema", VERSION_COLUMN_TYPES, _column_type),
 ]
-# Gateways sharing one database may start together: one creates the schema at a time.
+# Gateways sharing one database may start together: one creates or upgrades it at a time.
 _SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('metering-gateway schema'))"
 _STAGING = "CREATE TEMP TABLE requests_batch (LIKE requests) ON COMMIT DELETE ROWS"
 _MERGE = (
@@ -102,11 +109,45 @@ def _typed(row: tuple) -> tuple:
     )
 
 
-async def create_schema(connection: asyncpg.Connection) -> None:
+# The columns `requests` has, as the unqualified name resolves (the search path).
+_PRESENT_COLUMNS = (
+    "SELECT attname FROM pg_attribute"
+    " WHERE attrelid = to_regclass('requests') AND attnum > 0 AND NOT attisdropped"
+)
+
+
+async def schema_state(connection: asyncpg.Connection) -> tuple[int | None, list[str]]:
+    """The ledger's schema version (None: no ledger in this database yet) and the `requests`
+    columns it lacks."""
+    present = {record[0] for record in await connection.fetch(_PRESENT_COLUMNS)}
+    recorded = None
+    if await connection.fetchval("SELECT to_regclass('gateway_schema') IS NOT NULL"):
+        recorded = await connection.fetchval("SELECT MAX(version) FROM gateway_schema")
+    missing = [name for name in COLUMNS if present and name not in present]
+    return schema_version(recorded, bool(present)), missing
+
+
+async def create_schema(connection: asyncpg.Connection, target: str) -> None:
+    """Create the schema, or upgrade an older ledger in place (the columns it lacks added,
+    existing rows given their defaults, the version written) in one transaction under the
+    advisory lock; a ledger of a newer version is refused. `target`: the DSN without its
+    password, for the refusal."""
     async with connection.transaction():
         await connection.execute(_SCHEMA_LOCK)
+        version, missing = await schema_state(connection)
+        check_version(version, target)
         for statement in SCHEMA_SQL:
             await connection.execute(statement)
+        for name in missing:
+            await connection.execute(add_column(name, _column_type))
+        if version != SCHEMA_VERSION:
+            await connection.execute(WRITE_VERSION[0])
+            await connection.execute(numbered(WRITE_VERSION[1]), SCHEMA_VERSION)
+    if missing or version not in (None, SCHEMA_VERSION):
+        log.info(
+            "ledger %s: schema version %s upgraded to %d (columns added: %s)",
+            target, version, SCHEMA_VERSION, ", ".join(missing) or "none",
+        )  # fmt: skip
 
 
 class PostgresLedger(LedgerWriter):
@@ -131,11 +172,14 @@ class PostgresLedger(LedgerWriter):
         try:
             connection = await self._new_connection()
             self._connection = connection
-            await create_schema(connection)
+            await create_schema(connection, self.target)
             await connection.execute(_STAGING)
         except (*WRITE_ERRORS, ValueError) as exc:
             await self._drop_connection()
             raise PostgresUnavailable(f"PostgreSQL at {self.target}: {exc}") from None
+        except StorageError:  # a ledger this version cannot use
+            await self._drop_connection()
+            raise
         await self.reader.open()
         self._open = True
         log.info("ledger: PostgreSQL at %s", self.target)
@@ -202,6 +246,15 @@ class PostgresReader:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    async def upgrade(self, target: str) -> None:
+        """Before a command reads: refuse a newer ledger, bring an older one to this version
+        (as `serve` would). A database without a ledger yet is left as it is."""
+        async with self._acquire() as connection:
+            version, missing = await schema_state(connection)
+            check_version(version, target)
+            if version is not None and (missing or version != SCHEMA_VERSION):
+                await create_schema(connection, target)
 
     async def rows(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
         return [

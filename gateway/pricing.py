@@ -1,8 +1,18 @@
-"""Price tables in integer nano-USD (1e-9 USD); no float ever takes part in money arithmetic.
+"""Price tables in integer nano-USD (1e-9 USD), and the integer arithmetic every price uses.
 
-Prices are written as decimal USD: per 1M tokens for models, per 10^6 body bytes for transfer,
-per call for the flat fee. 1 USD per 1M tokens is exactly 1000 nano-USD per token, so every
-price with at most 3 decimals becomes an exact integer; finer prices are refused.
+No float ever takes part in money arithmetic. A YAML table's prices are written as decimal USD:
+per 1M tokens for models, per 10^6 body bytes for transfer, per call for the flat fee. 1 USD
+per 1M tokens is exactly 1000 nano-USD per token, so every price with at most 3 decimals
+becomes an exact integer; finer prices are refused.
+
+The cost of a call's usage is computed in `usage_cost_nanousd` from `UnitRates`: integer
+pico-USD (1e-12 USD) per token, per character and per tool call, per hour of audio. The exact
+sum is rounded once, half up, to whole nano-USD (a batch call's half of it likewise, once);
+transfer and per-call fees, whole nano-USD already, are added after. A unit without a price of
+its own is billed at its parent's rate: cached input, cache writes, audio and image input at
+the input rate; audio and image output at the output rate; reasoning and rejected-prediction
+tokens are output (OpenAI counts both inside `completion_tokens` and bills them as output).
+The price database over this arithmetic is `gateway.prices`.
 """
 
 from __future__ import annotations
@@ -11,21 +21,28 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 NANO_PER_USD = 10**9
 # USD per 10^6 units (tokens or bytes) → nano-USD per unit.
 NANO_PER_UNIT_PER_USD_PER_MILLION = NANO_PER_USD // 10**6
+PICO_PER_NANO = 1000
+PICO_PER_USD = 10**12
+MS_PER_HOUR = 3_600_000
+UNKNOWN_MODEL_POLICIES = ("estimate", "zero", "reject")
 
 _TABLE_FIELDS = frozenset({"currency", "source", "transfer_per_mb", "per_request", "models"})
 _MODEL_FIELDS = frozenset({"input", "cached_input", "output", "per_request", "transfer_per_mb"})
 _SNAPSHOT_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+# What "the model's name without a date suffix" strips for family estimates (also 20250807).
+_DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
+NAME_CACHE_SIZE = 4096  # model names seen, per table: they come from clients, so it is bounded
 
 
 def base_model_name(model: str) -> str:
@@ -33,8 +50,212 @@ def base_model_name(model: str) -> str:
     return _SNAPSHOT_SUFFIX.sub("", model)
 
 
+def nearest_family(model: str, names: Any) -> str | None:
+    """The nearest known model of its family: the longest of `names` that the model's name,
+    without a date suffix, starts with (`gpt-5-acme-preview` → `gpt-5`); None when none does."""
+    stem = _DATE_SUFFIX.sub("", model)
+    best: str | None = None
+    for name in names:
+        if stem.startswith(name) and (best is None or len(name) > len(best)):
+            best = name
+    return best
+
+
 class PricingError(ValueError):
     """A price table that cannot be used, saying what is wrong and where."""
+
+
+# ---------------------------------------------------------------- usage and its arithmetic
+
+
+class UsageLike(Protocol):
+    """What a call used, counted as OpenAI reports it: `input_tokens` includes the cached,
+    cache-write, audio and image input tokens; `output_tokens` includes the reasoning, audio,
+    image and rejected-prediction tokens. `gateway.ledger.CallRecord` has these fields; a
+    missing or NULL field counts 0."""
+
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    request_bytes: int
+    response_bytes: int
+
+
+@dataclass(slots=True)
+class CallUsage:
+    """One call's usage, with the ledger's unit names (see `UsageLike` for how they nest)."""
+
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    image_input_tokens: int = 0
+    image_output_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    web_search_calls: int = 0
+    file_search_calls: int = 0
+    audio_seconds: float = 0.0
+    input_characters: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
+
+    @classmethod
+    def from_mapping(cls, row: Mapping[str, Any]) -> CallUsage:
+        """From a ledger row read as a dict: absent columns and NULLs count 0."""
+        return cls(**{name: row.get(name) or 0 for name in USAGE_FIELDS})
+
+
+USAGE_FIELDS = tuple(f.name for f in fields(CallUsage))
+_PRICED_UNITS = tuple(name for name in USAGE_FIELDS if not name.endswith("_bytes"))
+
+
+@dataclass(frozen=True, slots=True)
+class Tiered:
+    """A long-context price: `base` until the prompt's input tokens exceed a tier's start, then
+    that tier's price for every token of the call (genai-prices' and OpenAI's "cliff")."""
+
+    base: int
+    tiers: tuple[tuple[int, int], ...]  # (start, rate), ascending starts
+
+    def at(self, input_tokens: int) -> int:
+        rate = self.base
+        for start, price in self.tiers:
+            if input_tokens > start:
+                rate = price
+        return rate
+
+
+Rate = int | Tiered
+
+
+@dataclass(frozen=True, slots=True)
+class UnitRates:
+    """A model's prices as they apply to one call, in integer pico-USD (1e-12 USD): per token,
+    per character, per tool call, per hour of audio. None: no price of its own (the parent's
+    rate applies; a unit without a parent then costs nothing)."""
+
+    input: Rate | None = None
+    cached_input: Rate | None = None
+    cache_write: Rate | None = None
+    output: Rate | None = None
+    audio_input: Rate | None = None
+    audio_output: Rate | None = None
+    image_input: Rate | None = None
+    image_output: Rate | None = None
+    web_search: int | None = None
+    file_search: int | None = None
+    audio_hour: int | None = None
+    input_character: int | None = None
+
+    def over(self, base: UnitRates) -> UnitRates:
+        """These rates where set, else `base`'s (a tier's or batch's partial prices)."""
+        return UnitRates(
+            *(
+                mine if (mine := getattr(self, name)) is not None else getattr(base, name)
+                for name in RATE_FIELDS
+            )
+        )
+
+    def tier_starts(self) -> tuple[int, ...]:
+        return tuple(
+            sorted(
+                {
+                    start
+                    for name in RATE_FIELDS
+                    if isinstance(rate := getattr(self, name), Tiered)
+                    for start, _ in rate.tiers
+                }
+            )
+        )
+
+
+RATE_FIELDS = tuple(f.name for f in fields(UnitRates))
+
+
+def _count(usage: object, name: str) -> int:
+    value = getattr(usage, name, 0)
+    return value if value and value > 0 else 0
+
+
+def rate_at(rate: Rate | None, parent: int, input_tokens: int) -> int:
+    """The rate a call with `input_tokens` pays: `rate`'s (its tier's), else its parent's."""
+    if rate is None:
+        return parent
+    return rate if type(rate) is int else rate.at(input_tokens)  # type: ignore[union-attr]
+
+
+def round_half_up(numerator: int, denominator: int) -> int:
+    """numerator / denominator to the nearest integer, halves up (both non-negative)."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def usage_cost_nanousd(rates: UnitRates, usage: object, *, halve: bool = False) -> int:
+    """The exact cost of a call's usage, rounded once, half up, to whole nano-USD; `halve`
+    takes 50% of the exact cost before that one rounding (batch without a batch price).
+
+    The parts of input (cached, cache write, audio, image) are taken out of it in that order,
+    each at most what is left, so a reply that over-reports a part is never billed twice; the
+    rest is billed at the input rate. Output likewise (audio, image; reasoning and rejected
+    predictions stay at the output rate). Integers only, but for `audio_seconds`, which is
+    taken to the millisecond first.
+    """
+    n = _count(usage, "input_tokens")
+    input_rate = rate_at(rates.input, 0, n)
+    rest = n
+    pico = 0
+    # The common call has only cached tokens among the parts: each other part is one look.
+    cached = _count(usage, "cached_input_tokens")
+    if cached:
+        cached = min(cached, rest)
+        rest -= cached
+        pico += cached * rate_at(rates.cached_input, input_rate, n)
+    if cache_write := _count(usage, "cache_write_tokens"):
+        cache_write = min(cache_write, rest)
+        rest -= cache_write
+        pico += cache_write * rate_at(rates.cache_write, input_rate, n)
+    if audio := _count(usage, "audio_input_tokens"):
+        audio = min(audio, rest)
+        rest -= audio
+        pico += audio * rate_at(rates.audio_input, input_rate, n)
+    if image := _count(usage, "image_input_tokens"):
+        image = min(image, rest)
+        rest -= image
+        pico += image * rate_at(rates.image_input, input_rate, n)
+    pico += rest * input_rate
+
+    output = _count(usage, "output_tokens")
+    output_rate = rate_at(rates.output, 0, n)
+    if audio := _count(usage, "audio_output_tokens"):
+        audio = min(audio, output)
+        output -= audio
+        pico += audio * rate_at(rates.audio_output, output_rate, n)
+    if image := _count(usage, "image_output_tokens"):
+        image = min(image, output)
+        output -= image
+        pico += image * rate_at(rates.image_output, output_rate, n)
+    pico += output * output_rate
+
+    if calls := _count(usage, "web_search_calls"):
+        pico += calls * (rates.web_search or 0)
+    if calls := _count(usage, "file_search_calls"):
+        pico += calls * (rates.file_search or 0)
+    if characters := _count(usage, "input_characters"):
+        pico += characters * (rates.input_character or 0)
+    denominator = PICO_PER_NANO * (2 if halve else 1)
+    seconds = getattr(usage, "audio_seconds", 0)
+    if seconds and seconds > 0 and rates.audio_hour:
+        # An hour's price over whole milliseconds: exact with the denominator scaled to match.
+        scaled = pico * MS_PER_HOUR + round(seconds * 1000) * rates.audio_hour
+        return round_half_up(scaled, denominator * MS_PER_HOUR)
+    return round_half_up(pico, denominator)
+
+
+def has_usage(usage: object) -> bool:
+    """Whether the call used anything a price could apply to (tokens, calls, seconds...)."""
+    return any((getattr(usage, name, 0) or 0) > 0 for name in _PRICED_UNITS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,16 +271,35 @@ class ModelPrice:
     output_nanousd: int
     per_request_nanousd: int | None = None
     transfer_nanousd_per_byte: int | None = None
+    rates: UnitRates = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Every other unit has no price of its own: billed at its parent's (input or output).
+        object.__setattr__(
+            self,
+            "rates",
+            UnitRates(
+                input=self.input_nanousd * PICO_PER_NANO,
+                cached_input=self.cached_input_nanousd * PICO_PER_NANO,
+                output=self.output_nanousd * PICO_PER_NANO,
+            ),
+        )
 
 
 @dataclass(frozen=True)
 class PriceTable:
+    """A YAML price table. Used alone, a model it does not list is estimated as the nearest
+    known model of its family (`nearest_family`), and flagged unpriced."""
+
     currency: str
     source: str
     transfer_nanousd_per_byte: int
     per_request_nanousd: int
     models: Mapping[str, ModelPrice]
     content_hash: str = field(init=False, repr=False, compare=False)
+    _found: dict[str, tuple[ModelPrice, bool] | None] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", MappingProxyType(dict(self.models)))
@@ -75,9 +315,33 @@ class PriceTable:
             found = self.models.get(base) if base != model else None
         return found
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> PriceTable:
+    def find(self, model: str | None) -> tuple[ModelPrice, bool] | None:
+        """(price, estimated): the model's own price, else its family's (estimated), else None."""
+        if not model:
+            return None
+        try:
+            return self._found[model]
+        except KeyError:
+            pass
+        price = self.price_for(model)
+        found: tuple[ModelPrice, bool] | None = (price, False) if price is not None else None
+        if found is None and (family := nearest_family(model, self.models)) is not None:
+            found = (self.models[family], True)
+        if len(self._found) >= NAME_CACHE_SIZE:
+            self._found.clear()
+        self._found[model] = found
+        return found
+
+    def is_priced(self, model: str | None) -> bool:
+        """Whether the model has a price of its own (a call without a model needs none)."""
+        return not model or self.price_for(model) is not None
+
+    def known_models(self) -> frozenset[str]:
+        return frozenset(self.models)
+
+    def with_overrides(self, overrides: Mapping[str, Any], origin: str = "pricing") -> PriceTable:
         """This table under a team's `pricing:` mapping (same shape, every field optional)."""
-        team = _parse_partial(overrides, "pricing")
+        team = _parse_partial(overrides, origin)
         currency = team.get("currency", self.currency)
         if currency != self.currency:
             raise PricingError(
@@ -91,6 +355,42 @@ class PriceTable:
             models={**self.models, **team.get("models", {})},
         )
 
+    def fees(self, price: ModelPrice | None) -> tuple[int, int]:
+        """(nano-USD per body byte, nano-USD per call) for a call priced with `price`."""
+        if price is None:
+            return self.transfer_nanousd_per_byte, self.per_request_nanousd
+        return (
+            _first_set(price.transfer_nanousd_per_byte, self.transfer_nanousd_per_byte),
+            _first_set(price.per_request_nanousd, self.per_request_nanousd),
+        )
+
+    def cost_of(
+        self,
+        usage: UsageLike,
+        *,
+        model: str | None,
+        at: float | None = None,
+        service_tier: str | None = None,
+        batch: bool = False,
+        billable: bool = True,
+    ) -> tuple[int, bool]:
+        """(cost in nano-USD, priced) of one call: P = D·C_D + usage·prices + fee.
+
+        A table has one price per model at every date and tier (`at` and `service_tier` do
+        not change it); `batch` bills 50% of the usage's exact cost, rounded once. `priced` is
+        False when the model has no price of its own (estimated or unknown); the transfer and
+        per-call fees are charged all the same. A call without a model and without usage
+        (e.g. GET /v1/models) has nothing unpriced.
+        """
+        if not billable:
+            return 0, True
+        found = self.find(model)
+        price = found[0] if found is not None else None
+        transfer, fee = self.fees(price)
+        usage_cost = usage_cost_nanousd(price.rates, usage, halve=batch) if price else 0
+        priced = (found is not None and not found[1]) or (not model and not has_usage(usage))
+        return call_fees(usage, transfer, fee) + usage_cost, priced
+
     def cost_nanousd(
         self,
         model: str | None,
@@ -101,41 +401,38 @@ class PriceTable:
         request_bytes: int,
         response_bytes: int,
         billable: bool,
+        at: float | None = None,
     ) -> tuple[int, bool]:
-        """(cost, priced): P = D·C_D + tokens·prices + fee.
+        """(cost, priced) of a call with only these counts: `cost_of` on them."""
+        usage = CallUsage(
+            input_tokens=input_tokens,
+            cached_input_tokens=cached_input_tokens,
+            output_tokens=output_tokens,
+            request_bytes=request_bytes,
+            response_bytes=response_bytes,
+        )
+        return self.cost_of(usage, model=model, at=at, billable=billable)
 
-        `priced` is False when tokens could not be priced because the model is unknown; the
-        transfer and per-call fees are charged all the same. A call without a model and
-        without tokens (e.g. GET /v1/models) has nothing unpriced.
-        """
-        if not billable:
-            return 0, True
-        price = self.price_for(model)
-        transfer = self.transfer_nanousd_per_byte
-        fee = self.per_request_nanousd
-        token_cost = 0
-        if price is not None:
-            transfer = _first_set(price.transfer_nanousd_per_byte, transfer)
-            fee = _first_set(price.per_request_nanousd, fee)
-            token_cost = _token_cost(price, input_tokens, cached_input_tokens, output_tokens)
-        cost = (max(request_bytes, 0) + max(response_bytes, 0)) * transfer + fee + token_cost
-        priced = price is not None or (not model and input_tokens <= 0 and output_tokens <= 0)
-        return cost, priced
+    def token_rates_picousd(
+        self, model: str | None, *, at: float | None = None, input_tokens: int = 0
+    ) -> tuple[int, int] | None:
+        """(input, output) pico-USD per token the model's call would pay (its family's for an
+        estimate), or None without a price: for budgets before the call is made."""
+        found = self.find(model)
+        if found is None:
+            return None
+        rates = found[0].rates
+        return rate_at(rates.input, 0, input_tokens), rate_at(rates.output, 0, input_tokens)
+
+
+def call_fees(usage: object, transfer_nanousd_per_byte: int, per_request_nanousd: int) -> int:
+    """Transfer (request + response body bytes) and the flat fee, in nano-USD."""
+    moved = _count(usage, "request_bytes") + _count(usage, "response_bytes")
+    return moved * transfer_nanousd_per_byte + per_request_nanousd
 
 
 def _first_set(value: int | None, default: int) -> int:
     return default if value is None else value
-
-
-def _token_cost(price: ModelPrice, input_tokens: int, cached: int, output_tokens: int) -> int:
-    input_tokens = max(input_tokens, 0)
-    # Upstream counts cached tokens inside input tokens; clamp in case a reply says otherwise.
-    cached = min(max(cached, 0), input_tokens)
-    return (
-        (input_tokens - cached) * price.input_nanousd
-        + cached * price.cached_input_nanousd
-        + max(output_tokens, 0) * price.output_nanousd
-    )
 
 
 def format_usd(nanousd: int) -> str:

@@ -37,6 +37,24 @@ _SUMS = [
     ("response_bytes", "SUM(response_bytes)"),
     ("cost_nanousd", "SUM(cost_nanousd)"),
 ]
+# Units most calls do not have: a report or an invoice shows them only where they are not 0.
+EXTRA_UNITS = (
+    "cache_write_tokens", "audio_input_tokens", "audio_output_tokens", "image_input_tokens",
+    "image_output_tokens", "rejected_prediction_tokens", "web_search_calls", "file_search_calls",
+    "audio_seconds", "input_characters",
+)  # fmt: skip
+_EXTRA_SUMS = [*((name, f"SUM({name})") for name in EXTRA_UNITS), ("batch_calls", "SUM(batch)")]
+_EXTRA_NAMES = tuple(name for name, _ in _EXTRA_SUMS)
+
+
+def _without_zero_extras(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Drop the extra unit columns that are 0 in every row (so a plain chat report looks as
+    it always did)."""
+    unused = [name for name in _EXTRA_NAMES if not any(row.get(name) for row in rows)]
+    for row in rows:
+        for name in unused:
+            row.pop(name, None)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -70,7 +88,7 @@ async def usage_rows(reader: LedgerReader, query: ReportQuery) -> list[dict[str,
     if unknown:
         raise ValueError(f"cannot group by {', '.join(unknown)} (use {', '.join(GROUPINGS)})")
     groups = [f"{_grouping(name, reader.dialect, query)} AS {name}" for name in query.by]
-    sums = [f"COALESCE({expr}, 0) AS {name}" for name, expr in _SUMS]
+    sums = [f"COALESCE({expr}, 0) AS {name}" for name, expr in _SUMS + _EXTRA_SUMS]
     where, params = [], []
     if query.since is not None:
         where.append("started_at >= ?")
@@ -84,7 +102,7 @@ async def usage_rows(reader: LedgerReader, query: ReportQuery) -> list[dict[str,
     if query.by:
         order = ", ".join(str(i + 1) for i in range(len(query.by)))
         sql += f" GROUP BY {order} ORDER BY {reader.dialect.nulls_first(order)}"
-    rows = await reader.rows(sql, params)
+    rows = _without_zero_extras(await reader.rows(sql, params))
     for row in rows:
         row["cost_usd"] = format_usd(int(row["cost_nanousd"]))
     return rows
@@ -129,9 +147,14 @@ _TABLE_COLUMNS = {
 def _table(rows: list[dict[str, object]]) -> str:
     if not rows:
         return "no calls in the ledger for this period"
-    keys = [k for k in rows[0] if k not in _TABLE_COLUMNS and k not in dict(_SUMS)]
-    columns = keys + list(_TABLE_COLUMNS)
-    titles = keys + list(_TABLE_COLUMNS.values())
+    sums = dict(_SUMS + _EXTRA_SUMS)
+    keys = [k for k in rows[0] if k not in _TABLE_COLUMNS and k not in sums]
+    extras = [k for k in _EXTRA_NAMES if k in rows[0]]
+    base = list(_TABLE_COLUMNS)
+    at = base.index("cost_usd")
+    columns = keys + base[:at] + extras + base[at:]
+    titles = [*keys, *(_TABLE_COLUMNS[c] for c in base[:at]), *map(_extra_title, extras)]
+    titles += [_TABLE_COLUMNS[c] for c in base[at:]]
     cells = [["-" if row[c] is None else str(row[c]) for c in columns] for row in rows]
     widths = [max(len(t), *(len(r[i]) for r in cells)) for i, t in enumerate(titles)]
     numeric = [c not in keys for c in columns]
@@ -141,6 +164,10 @@ def _table(rows: list[dict[str, object]]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in cells).rstrip()
 
     return "\n".join([line(titles), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _extra_title(name: str) -> str:
+    return name.removesuffix("_tokens").replace("_", " ")
 
 
 def key_lines(config: GatewayConfig, today: date) -> list[str]:
@@ -168,7 +195,7 @@ SELECT COALESCE(model, '') AS model, COUNT(*) AS calls,
        SUM(input_tokens) AS input_tokens, SUM(cached_input_tokens) AS cached_input_tokens,
        SUM(output_tokens) AS output_tokens, SUM(reasoning_tokens) AS reasoning_tokens,
        SUM(request_bytes) AS request_bytes, SUM(response_bytes) AS response_bytes,
-       SUM(cost_nanousd) AS amount_nanousd
+       SUM(cost_nanousd) AS amount_nanousd, {extras}
 FROM requests
 WHERE team = ? AND started_at >= ? AND started_at < ? AND status BETWEEN 200 AND 299
 GROUP BY 1 ORDER BY 1
@@ -185,7 +212,10 @@ def month_bounds(month: str, zone: ZoneInfo) -> tuple[float, float, int]:
 async def build_invoice(reader: LedgerReader, config: GatewayConfig, team: str, month: str) -> dict:
     """The bill of one team for one month under its plan, exact in nano-USD."""
     start, end, days = month_bounds(month, config.limits_timezone)
-    lines = await reader.rows(_INVOICE_LINES, (team, start, end))
+    extras = ", ".join(f"COALESCE({expr}, 0) AS {name}" for name, expr in _EXTRA_SUMS)
+    lines = _without_zero_extras(
+        await reader.rows(_INVOICE_LINES.format(extras=extras), (team, start, end))
+    )
     billing = config.teams[team].billing
     usage_total = sum(int(line["amount_nanousd"]) for line in lines)
     calls = sum(int(line["calls"]) for line in lines)
@@ -227,8 +257,10 @@ def _plan_adjustments(billing: Billing, usage_total: int, calls: int, days: int)
 def render_invoice(invoice: dict, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(invoice, indent=2)
+    extras = [k for k in _EXTRA_NAMES if invoice["lines"] and k in invoice["lines"][0]]
+    fields = [*_LINE_FIELDS[:-1], *extras, _LINE_FIELDS[-1]]
     rows = [
-        {"item": line["model"] or "(no model)", **{k: line[k] for k in _LINE_FIELDS}}
+        {"item": line["model"] or "(no model)", **{k: line[k] for k in fields}}
         for line in invoice["lines"]
     ]
     rows += [
@@ -241,7 +273,7 @@ def render_invoice(invoice: dict, fmt: str) -> str:
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(
-            out, fieldnames=["item", *_LINE_FIELDS, "amount_usd"], lineterminator="\n"
+            out, fieldnames=["item", *fields, "amount_usd"], lineterminator="\n"
         )
         writer.writeheader()
         writer.writerows(rows)

@@ -1,7 +1,9 @@
-"""`metering-gateway reprice`: recompute the ledger's costs under a new price table.
+"""`metering-gateway reprice`: recompute the ledger's costs under new prices.
 
-Every row keeps its tokens and bytes, so its cost can be recomputed exactly; teams' own
-`pricing:` overrides from the config are applied over the new table, as the gateway would.
+Every row keeps its usage (tokens, tool calls, seconds, characters, bytes), its start time,
+service tier and batch flag, so its cost can be recomputed exactly with the prices in force
+when it started; teams' own `pricing:` overrides from the config are applied over the new
+prices, as the gateway would.
 """
 
 from __future__ import annotations
@@ -10,14 +12,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from gateway.config import GatewayConfig
-from gateway.pricing import PriceTable, format_usd
+from gateway.prices import PriceBook
+from gateway.pricing import CallUsage, format_usd
 from gateway.readers import LedgerReader
 
-_ROWS = """
-SELECT request_id, team, model, status, input_tokens, cached_input_tokens, output_tokens,
-       request_bytes, response_bytes, cost_nanousd
-FROM requests WHERE started_at >= ?
-"""
+# Every column: a ledger written before the unit columns existed reads them as absent (0).
+_ROWS = "SELECT * FROM requests WHERE started_at >= ?"
 _UPDATE = (
     "UPDATE requests SET cost_nanousd = ?, pricing_hash = ?, price_unknown = ? WHERE request_id = ?"
 )
@@ -43,43 +43,41 @@ class RepriceResult:
         return out
 
 
-def _tables(config: GatewayConfig, base: PriceTable) -> dict[str | None, PriceTable]:
-    tables: dict[str | None, PriceTable] = {None: base}
+def _books(config: GatewayConfig, base: PriceBook) -> dict[str | None, PriceBook]:
+    books: dict[str | None, PriceBook] = {None: base}
     for name, team in config.teams.items():
-        tables[name] = (
-            base.with_overrides(team.pricing_overrides) if team.pricing_overrides else base
-        )
-    return tables
+        overrides = team.pricing_overrides
+        books[name] = base.with_overrides(overrides) if overrides else base
+    return books
 
 
 async def reprice(
-    reader: LedgerReader, config: GatewayConfig, prices: PriceTable, since: float, apply: bool
+    reader: LedgerReader, config: GatewayConfig, prices: PriceBook, since: float, apply: bool
 ) -> RepriceResult:
-    tables = _tables(config, prices)
+    books = _books(config, prices)
     result = RepriceResult()
     updates = []
-    for row in await reader.tuples(_ROWS, (since,)):
-        request_id, team, model, status, inp, cached, out, req, resp, old = row
-        table = tables.get(team, prices)
-        new, priced = table.cost_nanousd(
-            model,
-            input_tokens=inp or 0,
-            cached_input_tokens=cached or 0,
-            output_tokens=out or 0,
-            request_bytes=req or 0,
-            response_bytes=resp or 0,
-            billable=200 <= (status or 0) < 300,
+    for row in await reader.rows(_ROWS, (since,)):
+        book = books.get(row.get("team"), prices)
+        model, old = row.get("model"), row.get("cost_nanousd") or 0
+        new, priced = book.cost_of(
+            CallUsage.from_mapping(row),
+            model=model,
+            at=row.get("started_at") or 0.0,
+            service_tier=row.get("service_tier"),
+            batch=bool(row.get("batch")),
+            billable=200 <= (row.get("status") or 0) < 300,
         )
         result.examined += 1
-        result.old_total += old or 0
+        result.old_total += old
         result.new_total += new
-        if new != (old or 0):
+        if new != old:
             result.changed += 1
             entry = result.by_model[model or ""]
             entry[0] += 1
-            entry[1] += old or 0
+            entry[1] += old
             entry[2] += new
-        updates.append((new, table.content_hash, int(not priced), request_id))
+        updates.append((new, book.content_hash, int(not priced), row["request_id"]))
     if apply and updates:
         await reader.execute_many(_UPDATE, updates)
     return result

@@ -3,12 +3,13 @@ the commands that only read (report, invoice, reprice, reconcile)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from gateway.config import StorageConfig
-from gateway.ledger import Ledger, LedgerWriter
+from gateway.ledger import Ledger, LedgerWriter, upgrade_for_reading
 from gateway.readers import LedgerReader, SqliteReader
 
 
@@ -18,6 +19,11 @@ class StorageError(RuntimeError):
 
 class StorageConfigError(StorageError):
     """The store is configured incompletely (a usage error: exit 2)."""
+
+
+class LedgerTooNew(StorageError):
+    """The ledger's schema version is newer than this code knows: a newer metering-gateway
+    wrote it, and this one would neither read nor write it right."""
 
 
 def postgres_dsn(storage: StorageConfig) -> str:
@@ -41,8 +47,10 @@ def make_ledger(storage: StorageConfig) -> LedgerWriter:
 
 @asynccontextmanager
 async def open_reader(storage: StorageConfig) -> AsyncIterator[LedgerReader]:
-    """A reader of the configured store, for one command."""
+    """A reader of the configured store, for one command. A ledger of an older schema version
+    is upgraded first, as `serve` would (a newer one is refused)."""
     if storage.backend != "postgres":
+        await asyncio.to_thread(upgrade_for_reading, storage.sqlite_path)
         yield SqliteReader(storage.sqlite_path)
         return
     from gateway.postgres import WRITE_ERRORS, PostgresReader, safe_dsn
@@ -52,7 +60,7 @@ async def open_reader(storage: StorageConfig) -> AsyncIterator[LedgerReader]:
     try:
         try:
             await reader.open()
-            await reader.rows("SELECT 1")
+            await reader.upgrade(safe_dsn(dsn))
         except (*WRITE_ERRORS, ValueError) as exc:
             raise StorageError(f"PostgreSQL at {safe_dsn(dsn)}: {exc}") from None
         yield reader

@@ -672,9 +672,16 @@ class Stack:
     """The fake upstream process(es) and the gateway process, in a temp dir."""
 
     def __init__(
-        self, workdir: Path, upstream_procs: int, pinning: bool, extra_config: str = ""
+        self,
+        workdir: Path,
+        upstream_procs: int,
+        pinning: bool,
+        extra_config: str = "",
+        pricing: str = "pricing: {models: {gpt-4o-mini: "
+        "{input: 0.15, cached_input: 0.075, output: 0.60}}}",
     ) -> None:
         self.workdir = workdir
+        self.pricing = pricing
         self.extra_config = extra_config
         self.upstream_procs = upstream_procs
         self.pinning = pinning
@@ -733,7 +740,7 @@ class Stack:
             f'upstream: {{base_url: "http://127.0.0.1:{self.upstream_port}/v1", '
             'api_key_env: BENCH_UPSTREAM_KEY, forward_headers: ["x-fake-*"]}\n'
             f"storage: {{sqlite_path: {json.dumps(str(self.ledger))}, flush_interval_ms: 100}}\n"
-            "pricing: {models: {gpt-4o-mini: {input: 0.15, cached_input: 0.075, output: 0.60}}}\n"
+            f"{self.pricing}\n"
             "teams:\n"
             "  bench:\n"
             "    keys:\n"
@@ -1637,6 +1644,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
+        "--pricing",
+        choices=("table", "builtin"),
+        default="table",
+        help="price with a one-model YAML table (default) or the builtin price database",
+    )
+    parser.add_argument(
         "--no-call-log",
         action="store_true",
         help="run the gateway with `log_calls: false` (default: the config default, one JSON "
@@ -1849,7 +1862,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = "log_calls: false\n" if args.no_call_log else ""
         from gateway.loop import new_event_loop
 
-        stack = Stack(Path(tmp), args.upstream_procs, pinning, extra)
+        pricing = {"builtin": "pricing: {table: builtin}"}.get(args.pricing)
+        stack = Stack(Path(tmp), args.upstream_procs, pinning, extra, *filter(None, [pricing]))
         try:
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
                 execute(bench, stack, runner, budget)

@@ -150,6 +150,7 @@ async def make_gateway(tmp_path: Path, fake: Fake) -> AsyncIterator[GatewayFacto
         renew_warning_days: int = 7,
         ledger_path: Path | None = None,
         body_timeout_s: float = 60,
+        pricing: str | None = PRICING,  # None: no `pricing` key, the builtin price database
     ) -> Gateway:
         ledger_path = ledger_path or tmp_path / f"ledger-{len(servers)}.sqlite3"
         config_path = tmp_path / f"gateway-{len(servers)}.yaml"
@@ -171,8 +172,7 @@ async def make_gateway(tmp_path: Path, fake: Fake) -> AsyncIterator[GatewayFacto
                 """
             )
             + extra_yaml
-            + "pricing:"
-            + PRICING
+            + ("pricing:" + pricing if pricing is not None else "")
             + "teams:"
             + teams
         )

@@ -45,6 +45,8 @@ class RawUpstream:
 
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
     status: int = 200
+    # Canned answers (content type, body), served in order before the default chat answer.
+    answers: list[tuple[str, bytes]] = field(default_factory=list)
     requests: list[RawRequest] = field(default_factory=list)
     malformed: list[bytes] = field(default_factory=list)
     _server: asyncio.Server | None = None
@@ -77,8 +79,13 @@ class RawUpstream:
                     self.malformed.append(request)
                     break
                 self.requests.append(request)
-                body = orjson.dumps({**CHAT_ANSWER, "seen": f"{request.method} {request.target}"})
-                head = [f"HTTP/1.1 {self.status} OK", "Content-Type: application/json"]
+                content_type = "application/json"
+                if self.answers:
+                    content_type, body = self.answers.pop(0)
+                else:
+                    seen = f"{request.method} {request.target}"
+                    body = orjson.dumps({**CHAT_ANSWER, "seen": seen})
+                head = [f"HTTP/1.1 {self.status} OK", f"Content-Type: {content_type}"]
                 head += [f"{k}: {v}" for k, v in self.extra_headers]
                 head.append(f"Content-Length: {len(body)}")
                 writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)

@@ -91,7 +91,7 @@ class ModelLabels:
 
     def _reset(self, config: GatewayConfig) -> None:
         tables = [config.pricing, *(t.pricing for t in config.teams.values() if t.pricing)]
-        self._priced = tuple({frozenset(table.models) for table in tables})
+        self._priced = tuple({table.known_models() for table in tables})
         allowed = (t.models for t in config.teams.values() if t.models)
         self._named = frozenset().union(*self._priced, *allowed)
         self._longest = max(map(len, self._named), default=0) + _DATE_SUFFIX_LEN
@@ -129,6 +129,7 @@ class CallStats:
         self.tokens: dict[tuple, int] = defaultdict(int)
         self.bytes: dict[tuple, int] = defaultdict(int)
         self.cost: dict[tuple, int] = defaultdict(int)
+        self.unpriced: dict[tuple, int] = defaultdict(int)  # calls with price_unknown = 1
         self.latency: dict[str, Histogram] = defaultdict(Histogram)
         self.ttfb: dict[str, Histogram] = defaultdict(Histogram)
 
@@ -147,6 +148,8 @@ class CallStats:
         self.bytes[(team, "out")] += record.response_bytes
         if record.cost_nanousd:
             self.cost[(team, model)] += record.cost_nanousd
+        if record.price_unknown:
+            self.unpriced[(team, model)] += 1
         if record.status and record.outcome != "rejected":
             self.latency[team].observe(record.latency_ms / 1000)
             if record.ttfb_ms is not None:
@@ -195,7 +198,15 @@ class GatewayCollector(Collector):
         )
         for labels, value in stats.cost.items():
             cost.add_metric(list(labels), value / 1e9)
-        yield from (requests, tokens, moved, cost)
+        unpriced = CounterMetricFamily(
+            "gateway_unpriced_calls",
+            "Calls of a model without a price of its own (estimated, or 0 with "
+            "pricing.unknown_model: zero)",
+            labels=["team", "model"],
+        )
+        for labels, value in stats.unpriced.items():
+            unpriced.add_metric(list(labels), value)
+        yield from (requests, tokens, moved, cost, unpriced)
 
     def _histograms(self) -> Iterator[Metric]:
         for name, help_text, source in (
