@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import date
 from pathlib import Path
 from typing import TypeVar
@@ -120,36 +120,36 @@ def unpriced_model_warnings(config: GatewayConfig, filename: str) -> list[str]:
     return sorted(warnings, key=lambda line: int(line[len(filename) + 1 :].split(":", 1)[0]))
 
 
-def _allowed_model_lines(path: Path) -> dict[tuple[str, str], int]:
-    """(team, model) → the line of that model in the team's `models` list (1-based)."""
+def _team_items(path: Path, field: str) -> Iterator[tuple[str, yaml.Node]]:
+    """(team, node) for each item of every team's `field` list in the YAML file, with its
+    line numbers (a file that does not parse has none)."""
     try:
         root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
-    found: dict[tuple[str, str], int] = {}
+        return
     teams = _entry(root, "teams")
     for team_key, team_node in teams.value if isinstance(teams, yaml.MappingNode) else []:
-        models = _entry(team_node, "models")
-        for item in models.value if isinstance(models, yaml.SequenceNode) else []:
-            if isinstance(item, yaml.ScalarNode):
-                found[(team_key.value, item.value)] = item.start_mark.line + 1
-    return found
+        items = _entry(team_node, field)
+        for item in items.value if isinstance(items, yaml.SequenceNode) else []:
+            yield team_key.value, item
+
+
+def _allowed_model_lines(path: Path) -> dict[tuple[str, str], int]:
+    """(team, model) → the line of that model in the team's `models` list (1-based)."""
+    return {
+        (team, item.value): item.start_mark.line + 1
+        for team, item in _team_items(path, "models")
+        if isinstance(item, yaml.ScalarNode)
+    }
 
 
 def _expires_lines(path: Path) -> dict[tuple[str, str], int]:
     """(team, key id) → the line of that key's `expires:` (1-based), read from the YAML."""
-    try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
     found: dict[tuple[str, str], int] = {}
-    teams = _entry(root, "teams")
-    for team_key, team_node in teams.value if isinstance(teams, yaml.MappingNode) else []:
-        keys = _entry(team_node, "keys")
-        for item in keys.value if isinstance(keys, yaml.SequenceNode) else []:
-            key_id, expires = _entry(item, "id"), _entry(item, "expires")
-            if isinstance(key_id, yaml.ScalarNode) and expires is not None:
-                found[(team_key.value, key_id.value)] = expires.start_mark.line + 1
+    for team, item in _team_items(path, "keys"):
+        key_id, expires = _entry(item, "id"), _entry(item, "expires")
+        if isinstance(key_id, yaml.ScalarNode) and expires is not None:
+            found[(team, key_id.value)] = expires.start_mark.line + 1
     return found
 
 

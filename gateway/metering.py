@@ -1,8 +1,10 @@
 """What a call used: request facts, usage from JSON and SSE, and the offline estimate.
 
 The relay never parses a response as it passes. It only keeps bounded copies (the start
-of the body, and its last bytes, where OpenAI puts `usage`); usage is read from the tail
-once the call is over, and text is tokenized only when no usage arrived.
+of the body, and its last bytes, where OpenAI puts `usage`); once the call is over, what it
+used is read from them (`usage_of_recording`): a whole JSON answer parsed whole, a stream's
+last event that states a usage, a body too big for the head from its tail. Text is
+tokenized only when no usage arrived.
 """
 
 from __future__ import annotations
@@ -322,11 +324,15 @@ def _with_visible_facts(usage: Usage, region: bytes) -> Usage:
 def usage_of_answer(head: bytes, tail: bytes, complete: bool, is_sse: bool) -> Usage | None:
     """Everything billable an answer states, from a BodyRecorder's head and tail.
 
-    A whole JSON body is parsed whole (when it is over the tail's size, only when its tail
-    leaves something unsaid); a cut one is read from its tail. A stream is read from the
-    last event that states a usage: a chat chunk, or the `response.completed` /
-    `.incomplete` / `.failed` event's response object, re-read from the head when that event
-    starts before the tail and the head holds the whole stream. None: no usage stated.
+    `complete`: the head holds the whole body (BodyRecorder.complete). A whole JSON answer
+    up to 64 kB is parsed whole. Over it, embeddings', images' and transcriptions' usage is
+    read from the tail (their answers state nothing else), a chat answer's too when its tail
+    also shows its `service_tier`; a Responses answer is parsed whole, for its search
+    calls. A body cut by the head is read from its tail: its search calls as far as the
+    tail shows them. A stream is read from its last event that states a usage: a chat
+    chunk, an images or transcription event, or the `response.completed` / `.incomplete` /
+    `.failed` event's response object, read again from the head when that event starts
+    before the tail and the head holds the whole stream. None: the answer states no usage.
     """
     return _usage_of_answer(lambda: head, tail, len(head) if complete else None, is_sse)
 
@@ -389,16 +395,20 @@ def _usage_of_events(data: bytes, read_cut: bool) -> tuple[Usage | None, bool]:
     while (position := data.rfind(b'"usage"', 0, position)) != -1:
         if not _USAGE_OBJECT.match(data, position):
             continue
-        start = data.rfind(b"\n", 0, position) + 1
+        line_start = start = data.rfind(b"\n", 0, position) + 1
         if start < 2 or data[start - 2] != 10:  # not after "\n\n": a CRLF stream, or a cut
             start = _event_start(data, position)
         line_end = data.find(b"\n", position)
         if line_end == -1:
             line_end = len(data)
-        if data.startswith(b"data: {", start) and not data.startswith(b"data:", line_end + 1):
+        if (
+            start == line_start
+            and data.startswith(b"data: {", start)
+            and not data.startswith(b"data:", line_end + 1)
+        ):
             text = data[start + 6 : line_end]  # the usual event: one data line (a CR is JSON)
         else:
-            text = _event_data(data, start, end := _event_end(data, position))
+            text = _event_data(data, start, _event_end(data, position))
         try:
             payload = orjson.loads(text)
         except orjson.JSONDecodeError:

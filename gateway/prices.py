@@ -55,6 +55,7 @@ from gateway.pricing import (
     UNKNOWN_MODEL_POLICIES,
     CallUsage,
     ModelPrice,
+    PricesByCounts,
     PriceTable,
     PricingError,
     Tiered,
@@ -349,7 +350,7 @@ _Found = tuple[ModelPrice | CatalogModel, str | None]  # (price, family it was e
 
 
 @dataclass(frozen=True)
-class PriceBook:
+class PriceBook(PricesByCounts):
     """What a config charges: the database (or none: a table alone), an override table over it
     (models replace whole entries; `transfer_per_mb` / `per_request` apply), and what happens
     to a model neither knows. `config.team_prices(team)` gives one per team."""
@@ -506,28 +507,6 @@ class PriceBook:
         cost = usage_cost_nanousd(resolved.rates, usage, halve=resolved.halve)
         return call_fees(usage, transfer, fee) + cost, family is None
 
-    def cost_nanousd(
-        self,
-        model: str | None,
-        *,
-        input_tokens: int,
-        cached_input_tokens: int,
-        output_tokens: int,
-        request_bytes: int,
-        response_bytes: int,
-        billable: bool,
-        at: float | None = None,
-    ) -> tuple[int, bool]:
-        """(cost, priced) of a call with only these counts, at `at` (None: now), standard."""
-        usage = CallUsage(
-            input_tokens=input_tokens,
-            cached_input_tokens=cached_input_tokens,
-            output_tokens=output_tokens,
-            request_bytes=request_bytes,
-            response_bytes=response_bytes,
-        )
-        when = at if at is not None else time.time()
-        return self.cost_of(usage, model=model, at=when, billable=billable)
 
     def token_rates_picousd(
         self, model: str | None, *, at: float | None = None, input_tokens: int = 0

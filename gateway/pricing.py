@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
@@ -204,39 +205,17 @@ def usage_cost_nanousd(rates: UnitRates, usage: object, *, halve: bool = False) 
     """
     n = _count(usage, "input_tokens")
     input_rate = rate_at(rates.input, 0, n)
-    rest = n
-    pico = 0
-    # The common call has only cached tokens among the parts: each other part is one look.
-    cached = _count(usage, "cached_input_tokens")
-    if cached:
-        cached = min(cached, rest)
-        rest -= cached
-        pico += cached * rate_at(rates.cached_input, input_rate, n)
-    if cache_write := _count(usage, "cache_write_tokens"):
-        cache_write = min(cache_write, rest)
-        rest -= cache_write
-        pico += cache_write * rate_at(rates.cache_write, input_rate, n)
-    if audio := _count(usage, "audio_input_tokens"):
-        audio = min(audio, rest)
-        rest -= audio
-        pico += audio * rate_at(rates.audio_input, input_rate, n)
-    if image := _count(usage, "image_input_tokens"):
-        image = min(image, rest)
-        rest -= image
-        pico += image * rate_at(rates.image_input, input_rate, n)
-    pico += rest * input_rate
-
-    output = _count(usage, "output_tokens")
+    pico = _parts_of(usage, n, input_rate, n, (
+        ("cached_input_tokens", rates.cached_input),
+        ("cache_write_tokens", rates.cache_write),
+        ("audio_input_tokens", rates.audio_input),
+        ("image_input_tokens", rates.image_input),
+    ))  # fmt: skip
     output_rate = rate_at(rates.output, 0, n)
-    if audio := _count(usage, "audio_output_tokens"):
-        audio = min(audio, output)
-        output -= audio
-        pico += audio * rate_at(rates.audio_output, output_rate, n)
-    if image := _count(usage, "image_output_tokens"):
-        image = min(image, output)
-        output -= image
-        pico += image * rate_at(rates.image_output, output_rate, n)
-    pico += output * output_rate
+    pico += _parts_of(usage, _count(usage, "output_tokens"), output_rate, n, (
+        ("audio_output_tokens", rates.audio_output),
+        ("image_output_tokens", rates.image_output),
+    ))  # fmt: skip
 
     if calls := _count(usage, "web_search_calls"):
         pico += calls * (rates.web_search or 0)
@@ -251,6 +230,24 @@ def usage_cost_nanousd(rates: UnitRates, usage: object, *, halve: bool = False) 
         scaled = pico * MS_PER_HOUR + round(seconds * 1000) * rates.audio_hour
         return round_half_up(scaled, denominator * MS_PER_HOUR)
     return round_half_up(pico, denominator)
+
+
+def _parts_of(
+    usage: object,
+    total: int,
+    parent_rate: int,
+    input_tokens: int,
+    parts: tuple[tuple[str, Rate | None], ...],
+) -> int:
+    """pico-USD of `total` tokens: each part (a field of `usage` and its rate) taken out in
+    order, at most what is left, at its own rate or else the parent's; the rest at the
+    parent's."""
+    pico = 0
+    for unit, rate in parts:
+        if count := min(_count(usage, unit), total):
+            total -= count
+            pico += count * rate_at(rate, parent_rate, input_tokens)
+    return pico + total * parent_rate
 
 
 def has_usage(usage: object) -> bool:
@@ -286,8 +283,36 @@ class ModelPrice:
         )
 
 
+class PricesByCounts:
+    """`cost_nanousd` for callers that have only the classic counts (tokens and bytes), on
+    any price source with a `cost_of`."""
+
+    def cost_nanousd(
+        self,
+        model: str | None,
+        *,
+        input_tokens: int,
+        cached_input_tokens: int,
+        output_tokens: int,
+        request_bytes: int,
+        response_bytes: int,
+        billable: bool,
+        at: float | None = None,
+    ) -> tuple[int, bool]:
+        """(cost, priced) of a call with only these counts, at `at` (None: now), standard."""
+        usage = CallUsage(
+            input_tokens=input_tokens,
+            cached_input_tokens=cached_input_tokens,
+            output_tokens=output_tokens,
+            request_bytes=request_bytes,
+            response_bytes=response_bytes,
+        )
+        when = at if at is not None else time.time()
+        return self.cost_of(usage, model=model, at=when, billable=billable)  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
-class PriceTable:
+class PriceTable(PricesByCounts):
     """A YAML price table. Used alone, a model it does not list is estimated as the nearest
     known model of its family (`nearest_family`), and flagged unpriced."""
 
@@ -391,27 +416,6 @@ class PriceTable:
         priced = (found is not None and not found[1]) or (not model and not has_usage(usage))
         return call_fees(usage, transfer, fee) + usage_cost, priced
 
-    def cost_nanousd(
-        self,
-        model: str | None,
-        *,
-        input_tokens: int,
-        cached_input_tokens: int,
-        output_tokens: int,
-        request_bytes: int,
-        response_bytes: int,
-        billable: bool,
-        at: float | None = None,
-    ) -> tuple[int, bool]:
-        """(cost, priced) of a call with only these counts: `cost_of` on them."""
-        usage = CallUsage(
-            input_tokens=input_tokens,
-            cached_input_tokens=cached_input_tokens,
-            output_tokens=output_tokens,
-            request_bytes=request_bytes,
-            response_bytes=response_bytes,
-        )
-        return self.cost_of(usage, model=model, at=at, billable=billable)
 
     def token_rates_picousd(
         self, model: str | None, *, at: float | None = None, input_tokens: int = 0

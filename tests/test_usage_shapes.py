@@ -847,11 +847,16 @@ def test_an_event_whose_json_spans_two_data_lines_is_joined_as_sse_says() -> Non
         "choices": [],
         "usage": CHAT_AUDIO["usage"],
     }
-    text = json.dumps(chunk, indent=1)
-    body = ("data: " + text.replace("\n", "\ndata: ") + "\n\ndata: [DONE]\n\n").encode()
-    assert read(body, True) == Usage(
+    expected = Usage(
         84, 0, 352, 0, audio_input_tokens=69, audio_output_tokens=281, service_tier="scale"
     )
+    text = json.dumps(chunk, indent=1)
+    body = ("data: " + text.replace("\n", "\ndata: ") + "\n\ndata: [DONE]\n\n").encode()
+    assert read(body, True) == expected
+    head, _, usage = compact(chunk).partition(b',"usage"')  # the usage on the last line
+    for newline in (b"\n", b"\r\n"):
+        body = b"data: " + head + b"," + newline + b'data: "usage"' + usage + newline * 2
+        assert read(body, True) == expected
 
 
 def test_a_usage_chunk_with_reordered_keys_and_spaces_reads_the_same() -> None:
