@@ -31,11 +31,10 @@ from gateway.auth import (
     ensure_not_expired,
 )
 from gateway.budget import StreamBudget, output_budget
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, TeamConfig
 from gateway.errors import (
     GATEWAY_FAULT,
     MODEL_NOT_PRICED,
-    NOT_FOUND,
     OBJECT_NOT_FOUND,
     QUEUE_TIMEOUT,
     REQUEST_TIMEOUT,
@@ -55,6 +54,7 @@ from gateway.intake import (
     model_of,
     parse_json_object,
     read_whole_body,
+    unknown_url,
 )
 from gateway.keys import today_in
 from gateway.ledger import CallRecord, LedgerWriter
@@ -204,7 +204,7 @@ class ProxyHandler:
         ensure_not_expired(caller)
         if api_path == "/organization" or api_path.startswith("/organization/"):
             # The upstream's admin surface answers to the operator's key, never a team's.
-            raise GatewayError(NOT_FOUND, f"Unknown request URL: {request.method} /v1{api_path}.")
+            raise unknown_url(request.method, "/v1" + api_path)
         authorize_endpoint(caller.team, request.method, api_path)
         call.objects = _object_route(request.method, api_path)
         if call.objects is not None and call.objects.action == "use":
@@ -249,8 +249,7 @@ class ProxyHandler:
         if api_path == "/audio/speech":
             call.record.input_characters = metering.input_characters(facts.json_body)
         assert call.caller is not None
-        authorize_model(call.caller.team, facts.model)
-        self._ensure_priced(call.caller.team.name, facts.model)
+        self._allow_model(call.caller.team, facts.model)
         if facts.json_body is not None:
             call.objects = _created_by_body(call.objects, api_path, facts.json_body)
             if _may_name_objects(api_path, body):
@@ -282,14 +281,12 @@ class ProxyHandler:
                 # Known before the answer is metered and priced.
                 facts.model = call.record.model = fields.model
                 # Stops the upload mid-way (the upstream discards a cut request).
-                authorize_model(team, fields.model)
-                self._ensure_priced(team.name, fields.model)
+                self._allow_model(team, fields.model)
 
         def before_last_piece() -> None:
             assert fields is not None
             fields.finish()
-            authorize_model(team, fields.model)
-            self._ensure_priced(team.name, fields.model)
+            self._allow_model(team, fields.model)
 
         counter = [0]
         # A decoded body's length is known only once it has all passed: it goes chunked.
@@ -309,8 +306,6 @@ class ProxyHandler:
             return await self._exchange(call, body, length)
         finally:
             call.record.request_bytes = counter[0]
-            if fields is not None and fields.model:
-                facts.model = call.record.model = fields.model
 
     async def _exchange(
         self, call: CallContext, body: object, body_length: int | None
@@ -444,9 +439,11 @@ class ProxyHandler:
         await self._settle(call)
         return response
 
-    def _ensure_priced(self, team: str, model: str | None) -> None:
-        """With `pricing.unknown_model: reject`, a model without a price is never forwarded."""
-        prices = self.config.team_prices(team)
+    def _allow_model(self, team: TeamConfig, model: str | None) -> None:
+        """The team's model allow-list, then (with `pricing.unknown_model: reject`) refusal
+        of a model without a price: neither is ever forwarded."""
+        authorize_model(team, model)
+        prices = self.config.team_prices(team.name)
         if model is not None and prices.unknown_model == "reject" and not prices.is_priced(model):
             raise GatewayError(
                 MODEL_NOT_PRICED,

@@ -49,16 +49,16 @@ def canonical_target(request: web.Request) -> tuple[str, str]:
     # An absolute-form target (`GET http://h/v1/x`) or an encoded `/v1` would be forwarded
     # as another path than the one authorized.
     if not raw_path.startswith("/v1/") or _UNSAFE_PATH.search(raw_path):
-        raise _unknown_url(request.method, path)
+        raise unknown_url(request.method, path)
     if path.endswith("/"):
         path = path[:-1]
     if len(path) <= 3:
-        raise _unknown_url(request.method, request.path)
+        raise unknown_url(request.method, request.path)
     encoded = quote(path, safe=_PATH_SAFE) if "%" in raw_path or not raw_path.isascii() else path
     return path[3:], encoded[3:] + separator + query
 
 
-def _unknown_url(method: str, path: str) -> GatewayError:
+def unknown_url(method: str, path: str) -> GatewayError:
     return GatewayError(NOT_FOUND, f"Unknown request URL: {method} {path}.")
 
 

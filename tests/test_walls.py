@@ -25,6 +25,7 @@ from tests.conftest import (
     sha,
 )
 from tests.raw_upstream import RawUpstream
+from tests.test_reliability import api_calls
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 OTHER_KEY = "mgw-test-other-team-secret"
@@ -62,10 +63,6 @@ async def call(
 
 def error_code(body: bytes) -> str | None:
     return orjson.loads(body)["error"]["code"]
-
-
-def api_calls(fake: Fake) -> list:
-    return [r for r in fake.state.received if r.path.startswith("/v1/")]
 
 
 # ---------------------------------------------------------------- framing
