@@ -15,8 +15,11 @@ RUN python -m venv --without-pip /opt/venv \
 
 # Container config: the sample config with the ledger on the /data volume and every interface
 # listened on; prices from the builtin database, with the sample table beside it for a config
-# that pins or overrides with it. The build fails if a rewrite did not apply.
+# that pins or overrides with it. The build fails if a rewrite did not apply. check-config
+# also compiles the price database into the cache folder, so a container's start reads it
+# instead of importing genai-prices (docs/benchmarks.md, "Start-up").
 FROM builder AS config
+ENV GATEWAY_CACHE_DIR=/etc/metering-gateway/cache
 COPY config/ config/
 RUN mkdir -p /etc/metering-gateway \
  && cp config/pricing.yaml /etc/metering-gateway/pricing.yaml \
@@ -40,7 +43,8 @@ COPY --from=config /etc/metering-gateway /etc/metering-gateway
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    GATEWAY_CONFIG=/etc/metering-gateway/gateway.yaml
+    GATEWAY_CONFIG=/etc/metering-gateway/gateway.yaml \
+    GATEWAY_CACHE_DIR=/etc/metering-gateway/cache
 WORKDIR /data
 VOLUME ["/data"]
 USER 10001:10001

@@ -38,14 +38,20 @@ What applies to a call (`PriceBook.cost_of`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import json
+import os
+import re
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from gateway.pricing import (
@@ -58,6 +64,7 @@ from gateway.pricing import (
     PricesByCounts,
     PriceTable,
     PricingError,
+    Rate,
     Tiered,
     UnitRates,
     UsageLike,
@@ -69,6 +76,8 @@ from gateway.pricing import (
     rate_at,
     usage_cost_nanousd,
 )
+
+CATALOG_FORMAT = 1  # of the compiled copy on disk: bump when its layout or meaning changes
 
 __all__ = [
     "CallUsage",
@@ -215,22 +224,40 @@ class CatalogModel:
 
 class Catalog:
     """genai-prices' OpenAI provider, compiled: its models, their dated and variant prices in
-    integer pico-USD, and its own model-name matching (cached per name)."""
+    integer pico-USD, and their name-matching rules (evaluated as genai-prices does, cached
+    per name). Built from the package (`from_library`) or from its compiled copy on disk
+    (`builtin_catalog`): importing the package takes longer than the rest of start-up."""
 
-    def __init__(self, provider: Any, version: str) -> None:
-        self._provider = provider
+    def __init__(
+        self,
+        models: tuple[CatalogModel, ...],
+        matches: tuple[Clause, ...],
+        version: str,
+        digest: str,
+    ) -> None:
+        self.models = models
+        self.matches = matches
         self.version = version
-        self.models: tuple[CatalogModel, ...] = tuple(_compile(m) for m in provider.models)
-        self.by_id = {model.id: model for model in self.models}
-        self._info_ids = {id(info): info.id for info in provider.models}
-        self.names = frozenset(_names(provider.models))
-        starts = [d.start for m in self.models for d in (*m.prices, *m.variants) if d.start]
+        self.digest = digest
+        self.by_id = {model.id: model for model in models}
+        self.names = frozenset(
+            name for model, clause in zip(models, matches, strict=True)
+            for name in (model.id.lower(), *_literal_names(clause))
+        )  # fmt: skip
+        starts = [d.start for m in models for d in (*m.prices, *m.variants) if d.start]
         self.data_date: date | None = max(starts, default=None)
-        self.digest = hashlib.sha256(
-            repr([(m.id, info.match, m.prices, m.variants)
-                  for m, info in zip(self.models, provider.models, strict=True)]).encode()
-        ).hexdigest()  # fmt: skip
         self._found: dict[str, CatalogModel | None] = {}
+
+    @classmethod
+    def from_library(cls, provider: Any, version: str) -> Catalog:
+        models = tuple(_compile(info) for info in provider.models)
+        matches = tuple(_clause(info.match, f"genai-prices openai {info.id}")
+                        for info in provider.models)  # fmt: skip
+        digest = hashlib.sha256(
+            json.dumps([_model_json(m) for m in models], sort_keys=True).encode()
+            + json.dumps(matches).encode()
+        ).hexdigest()
+        return cls(models, matches, version, digest)
 
     @property
     def identity(self) -> str:
@@ -242,29 +269,237 @@ class Catalog:
         return f"genai-prices {self.version}"
 
     def find(self, model: str) -> CatalogModel | None:
-        """The database's model for a name, by genai-prices' own matching (cached, bounded)."""
+        """The database's model for a name, matched as genai-prices' `Provider.find_model`
+        does: case-insensitively, first rule that matches; failing that, once more with a
+        compact date suffix (`-20251211`) spelled `-2025-12-11`. Cached, bounded."""
         try:
             return self._found[model]
         except KeyError:
             pass
-        info = self._provider.find_model(model)
-        found = self.by_id[info.id] if info is not None else None
+        name = model.lower()
+        found = self._first_match(name)
+        if found is None and (dashed := _dashed_dates(name)) != name:
+            found = self._first_match(dashed)
         if len(self._found) >= NAME_CACHE_SIZE:
             self._found.clear()
         self._found[model] = found
         return found
 
+    def _first_match(self, name: str) -> CatalogModel | None:
+        for model, clause in zip(self.models, self.matches, strict=True):
+            if _matches(clause, name):
+                return model
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": CATALOG_FORMAT,
+            "version": self.version,
+            "digest": self.digest,
+            "models": [_model_json(m) for m in self.models],
+            "matches": list(self.matches),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Catalog:
+        if data.get("format") != CATALOG_FORMAT:
+            raise ValueError(f"catalog format {data.get('format')!r}, not {CATALOG_FORMAT}")
+        models = tuple(_model_from_json(m) for m in data["models"])
+        matches = tuple(_clause_from_json(c) for c in data["matches"])
+        return cls(models, matches, data["version"], data["digest"])
+
+
+# A name-matching rule, as plain data: ("equals" | "starts_with" | "ends_with" | "contains" |
+# "regex", text) or ("or" | "and", (rule, ...)).
+Clause = tuple[str, Any]
+_TEXT_CLAUSES = ("equals", "starts_with", "ends_with", "contains", "regex")
+_COMPACT_DATE = re.compile(r"(-)(20\d{2})(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])(?=-|:|$)")
+
+
+def _clause(rule: Any, where: str) -> Clause:
+    for kind in _TEXT_CLAUSES:
+        if isinstance(text := getattr(rule, kind, None), str):
+            return (kind, text if kind == "regex" else text.lower())
+    for kind in ("or", "and"):
+        children = getattr(rule, kind + "_", None)
+        if children is not None:
+            return (kind, tuple(_clause(child, where) for child in children))
+    raise PricingError(f"{where}: unsupported model-name rule {rule!r}")
+
+
+def _clause_from_json(data: Sequence[Any]) -> Clause:
+    kind, value = data
+    if kind in _TEXT_CLAUSES:
+        return (kind, str(value))
+    if kind in ("or", "and"):
+        return (kind, tuple(_clause_from_json(child) for child in value))
+    raise ValueError(f"unknown rule {kind!r}")
+
+
+def _matches(clause: Clause, name: str) -> bool:
+    """Whether a lower-cased model name matches a rule (texts other than regexes are stored
+    lower-cased; a regex is searched in the lower-cased name, as genai-prices does)."""
+    kind, value = clause
+    if kind == "equals":
+        return name == value
+    if kind == "starts_with":
+        return name.startswith(value)
+    if kind == "ends_with":
+        return name.endswith(value)
+    if kind == "contains":
+        return value in name
+    if kind == "regex":
+        return re.search(value, name) is not None
+    if kind == "or":
+        return any(_matches(child, name) for child in value)
+    return all(_matches(child, name) for child in value)
+
+
+def _literal_names(clause: Clause) -> Iterable[str]:
+    """The names a rule spells out whole (equals, starts_with): what `known_models` lists."""
+    kind, value = clause
+    if kind in ("equals", "starts_with"):
+        yield value
+    elif kind == "or":
+        for child in value:
+            yield from _literal_names(child)
+
+
+def _dashed_dates(name: str) -> str:
+    def dashed(found: re.Match[str]) -> str:
+        year, month, day = (int(found.group(i)) for i in range(2, 5))
+        try:
+            date(year, month, day)
+        except ValueError:
+            return found.group(0)
+        return f"{found.group(1)}{year:04d}-{month:02d}-{day:02d}"
+
+    return _COMPACT_DATE.sub(dashed, name)
+
+
+def _model_json(model: CatalogModel) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "prices": [[_date_json(d.start), _rates_json(d.rates)] for d in model.prices],
+        "variants": [[list(map(list, v.when)), _date_json(v.start), _rates_json(v.rates)]
+                     for v in model.variants],
+    }  # fmt: skip
+
+
+def _model_from_json(data: Mapping[str, Any]) -> CatalogModel:
+    prices = tuple(_Dated(*_start_from_json(start), _rates_from_json(rates))
+                   for start, rates in data["prices"])  # fmt: skip
+    variants = tuple(
+        _Variant(tuple((str(k), str(v)) for k, v in when), *_start_from_json(start),
+                 _rates_from_json(rates))
+        for when, start, rates in data["variants"]
+    )  # fmt: skip
+    return CatalogModel(str(data["id"]), prices, variants)
+
+
+def _date_json(start: date | None) -> str | None:
+    return start.isoformat() if start else None
+
+
+def _start_from_json(text: str | None) -> tuple[date | None, int | None]:
+    if text is None:
+        return None, None
+    start = date.fromisoformat(text)
+    return start, _day_of(start)
+
+
+def _rates_json(rates: UnitRates) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in RATE_FIELDS:
+        value = getattr(rates, name)
+        if isinstance(value, Tiered):
+            out[name] = {"base": value.base, "tiers": [list(t) for t in value.tiers]}
+        elif value is not None:
+            out[name] = value
+    return out
+
+
+def _rates_from_json(data: Mapping[str, Any]) -> UnitRates:
+    values: dict[str, Rate] = {}
+    for name, value in data.items():
+        if name not in RATE_FIELDS:
+            raise ValueError(f"unknown rate {name!r}")
+        if isinstance(value, dict):
+            values[name] = Tiered(int(value["base"]),
+                                  tuple((int(s), int(r)) for s, r in value["tiers"]))  # fmt: skip
+        else:
+            values[name] = int(value)
+    return UnitRates(**values)
+
 
 @cache
 def builtin_catalog() -> Catalog:
-    """The packaged database (never a downloaded or custom snapshot), compiled once."""
+    """The packaged database (never a downloaded or custom snapshot), compiled once per
+    installed package and kept compiled on disk (`compiled_catalog_path`), so that a start
+    does not import genai-prices (a third of a second) unless the package changed."""
+    path = compiled_catalog_path()
+    if path is not None:
+        try:
+            return Catalog.from_json(json.loads(path.read_bytes()))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not there yet, or unreadable: compile it anew
+    catalog = _catalog_from_package()
+    if path is not None:
+        _write_quietly(path, json.dumps(catalog.to_json(), separators=(",", ":")).encode())
+    return catalog
+
+
+def _catalog_from_package() -> Catalog:
     from genai_prices import __version__
     from genai_prices.data import providers
 
     provider = next((p for p in providers if p.id == "openai"), None)
     if provider is None:  # pragma: no cover - the package always has OpenAI
         raise PricingError(f"genai-prices {__version__} has no OpenAI prices")
-    return Catalog(provider, __version__)
+    return Catalog.from_library(provider, __version__)
+
+
+def compiled_catalog_path() -> Path | None:
+    """Where the compiled database of the installed genai-prices lives: the cache folder
+    (`$GATEWAY_CACHE_DIR`, else `$XDG_CACHE_HOME/metering-gateway`, else
+    `~/.cache/metering-gateway`), named by a hash of the package's data, its matching code,
+    its installed version and this compiler's format. None: the package cannot be found."""
+    spec = importlib.util.find_spec("genai_prices")
+    if spec is None or spec.origin is None:
+        return None
+    package = Path(spec.origin).parent
+    key = hashlib.sha256(str(CATALOG_FORMAT).encode())
+    try:
+        for part in ("data.py", "types.py"):
+            key.update((package / part).read_bytes())
+        key.update(repr(sorted(p.name for p in package.parent.glob("genai_prices-*.dist-info")))
+                   .encode())  # fmt: skip
+    except OSError:
+        return None
+    return _cache_dir() / f"genai-prices-{key.hexdigest()[:20]}.json"
+
+
+def _cache_dir() -> Path:
+    if configured := os.environ.get("GATEWAY_CACHE_DIR"):
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "metering-gateway"
+
+
+def _write_quietly(path: Path, data: bytes) -> None:
+    """Write atomically, or not at all (a read-only home only costs the next start time)."""
+    temporary: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".catalog-", delete=False) as f:
+            temporary = f.name
+            f.write(data)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from a container's user
+        os.replace(temporary, path)
+    except OSError:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
 
 def _compile(info: Any) -> CatalogModel:
@@ -326,21 +561,6 @@ def _exact(value: Decimal, scale: int, where: str) -> int:
             f"(×{scale}); the gateway cannot bill it exactly"
         )
     return int(amount)
-
-
-def _names(infos: Iterable[Any]) -> Iterable[str]:
-    """Every literal name the database prices: ids, and the names its matching spells out."""
-    for info in infos:
-        yield info.id.lower()
-        yield from _clause_names(info.match)
-
-
-def _clause_names(clause: Any) -> Iterable[str]:
-    for attribute in ("equals", "starts_with"):
-        if isinstance(text := getattr(clause, attribute, None), str):
-            yield text.lower()
-    for child in getattr(clause, "or_", ()):
-        yield from _clause_names(child)
 
 
 # ---------------------------------------------------------------- the book
@@ -506,7 +726,6 @@ class PriceBook(PricesByCounts):
         resolved = self.resolve(price, _day(at), service_tier, batch)
         cost = usage_cost_nanousd(resolved.rates, usage, halve=resolved.halve)
         return call_fees(usage, transfer, fee) + cost, family is None
-
 
     def token_rates_picousd(
         self, model: str | None, *, at: float | None = None, input_tokens: int = 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import sqlite3
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +24,9 @@ from gateway.app import HANDLER, LEDGER, build_app
 from gateway.config import GatewayConfig, load_config
 from gateway.fake_upstream import FakeState, build_fake_app
 from tests.services import PostgresServer
+
+# The compiled price database goes to a folder of this run's, not the user's ~/.cache.
+os.environ.setdefault("GATEWAY_CACHE_DIR", tempfile.mkdtemp(prefix="gateway-cache-"))
 
 UPSTREAM_KEY = "sk-upstream-real-key-never-leaks-0123456789"
 RESEARCH_KEY = "mgw-test-research-secret"

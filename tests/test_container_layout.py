@@ -470,6 +470,8 @@ def test_image_layout_serves_meters_and_stops_cleanly(tmp_path: Path) -> None:
     ledger = load_config(config_path).storage.sqlite_path
     assert ledger.is_relative_to(rootfs.path(volumes(final)[0])), "the ledger is on the volume"
     assert hashlib.sha256(DEMO_KEY.encode()).hexdigest() in config_path.read_text()
+    [compiled_prices] = Path(state.env["GATEWAY_CACHE_DIR"]).glob("genai-prices-*.json")
+    baked = compiled_prices.stat().st_mtime_ns
     fake_port, port = free_port(), free_port()
     mount_config(config_path, f"http://127.0.0.1:{fake_port}/v1")
 
@@ -502,3 +504,4 @@ def test_image_layout_serves_meters_and_stops_cleanly(tmp_path: Path) -> None:
             assert gateway.wait(timeout=20) == 0, gateway_log.read_text()
 
     assert ledger_rows(ledger) == [("research-dev", 200, "ok")]
+    assert compiled_prices.stat().st_mtime_ns == baked, "the baked prices were read, not rebuilt"

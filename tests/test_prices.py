@@ -24,7 +24,7 @@ import pytest
 from gateway.cli import main, unpriced_model_warnings
 from gateway.config import ConfigError, load_config, parse_config
 from gateway.ledger import CallRecord, Ledger
-from gateway.prices import PriceBook, builtin_catalog
+from gateway.prices import Catalog, PriceBook, builtin_catalog
 from gateway.pricing import CallUsage, PricingError, load_price_table, parse_price_table
 from tests.conftest import sha
 
@@ -420,12 +420,79 @@ def test_a_database_price_that_is_not_exact_is_refused() -> None:
     from genai_prices.types import ClauseEquals, ModelInfo
     from genai_prices.types import ModelPrice as LibraryPrice
 
-    from gateway.prices import Catalog
-
     price = LibraryPrice(input_mtok=Decimal("0.0000001"))
     info = ModelInfo(id="odd", match=ClauseEquals(equals="odd"), prices=price)
     with pytest.raises(PricingError, match=r"odd\.input_mtok: 1E-7 USD is not a whole number"):
-        Catalog(SimpleNamespace(models=[info]), "test")
+        Catalog.from_library(SimpleNamespace(models=[info]), "test")
+
+
+def library_openai() -> genai_prices.types.Provider:
+    from genai_prices.data import providers
+
+    return next(p for p in providers if p.id == "openai")
+
+
+def test_model_names_resolve_as_genai_prices_resolves_them() -> None:
+    catalog, library = builtin_catalog(), library_openai()
+    names = sorted(catalog.names) + [
+        "GPT-4o-Mini", "gpt-4o-mini-2024-07-18", "gpt-5.2-20251211", "gpt-5-20251301",
+        "o3-mini-20250131:batch", "ft:gpt-4o-mini-2024-07-18:acme::abc", "gpt-4.1-nano-x",
+        "chatgpt-4o-latest", "text-embedding-3-large", "whisper-1", "tts-1-hd-1106",
+        "gpt-realtime-mini-2025-10-06", "omni-moderation-latest", "not-a-model", "",
+    ]  # fmt: skip
+    for name in names:
+        info = library.find_model(name)
+        mine = catalog.find(name)
+        assert (mine.id if mine else None) == (info.id if info else None), name
+
+
+def test_the_compiled_copy_is_the_package_compiled(tmp_path: Path) -> None:
+    compiled = Catalog.from_library(library_openai(), genai_prices.__version__)
+    again = Catalog.from_json(json.loads(json.dumps(compiled.to_json())))
+    assert again.models == compiled.models
+    assert again.matches == compiled.matches
+    assert again.identity == compiled.identity == builtin_catalog().identity
+    with pytest.raises(ValueError, match="catalog format 0, not 1"):
+        Catalog.from_json({**compiled.to_json(), "format": 0})
+
+
+def start_in_a_fresh_process(cache: Path) -> dict:
+    """Load the builtin book in a new interpreter: what it found, and whether it had to
+    import genai-prices to do it."""
+    probe = (
+        "import json, sys; from gateway.prices import PriceBook, compiled_catalog_path; "
+        "book = PriceBook.builtin(); "
+        "print(json.dumps({'imported': 'genai_prices' in sys.modules, "
+        "'hash': book.content_hash, 'path': str(compiled_catalog_path()), "
+        "'gpt-5': book.catalog.find('gpt-5-2025-08-07').id}))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "GATEWAY_CACHE_DIR": str(cache), "HOME": str(cache)}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    return json.loads(done.stdout)
+
+
+def test_a_start_reads_the_compiled_copy_instead_of_importing_the_package(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "cache"
+    first = start_in_a_fresh_process(cache)
+    path = Path(first["path"])
+    assert first["imported"] is True and path.parent == cache and path.is_file()
+    assert path.name.startswith("genai-prices-") and path.suffix == ".json"
+    assert path.stat().st_mode & 0o777 == 0o644, "readable by the user a container runs as"
+    second = start_in_a_fresh_process(cache)
+    assert second == {**first, "imported": False}
+    assert second["gpt-5"] == "gpt-5"
+    assert second["hash"] == PriceBook.builtin().content_hash
+    # A damaged copy is compiled anew and replaced; an unwritable folder only costs time.
+    path.write_text("{not json")
+    assert start_in_a_fresh_process(cache) == first
+    assert start_in_a_fresh_process(cache)["imported"] is False
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    assert start_in_a_fresh_process(blocked)["imported"] is True
+    assert start_in_a_fresh_process(blocked)["hash"] == first["hash"]
 
 
 # ---------------------------------------------------------------- commands
