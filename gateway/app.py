@@ -13,15 +13,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.config import GatewayConfig
+from gateway.config.loader import GatewayConfig
 from gateway.errors import NOT_FOUND, error_body
-from gateway.handler import ProxyHandler
-from gateway.ledger import LedgerWriter
-from gateway.limits import Limiter, Usage, window_usage
-from gateway.objects import ObjectStore, make_object_store
-from gateway.proxy import UpstreamClient
-from gateway.redis_limits import RedisLimiter
-from gateway.storage import make_ledger
+from gateway.ledger.storage import make_ledger
+from gateway.ledger.writer import LedgerWriter
+from gateway.limits.admission import Limiter, Usage, window_usage
+from gateway.limits.redis import RedisLimiter
+from gateway.pipeline.handler import ProxyHandler
+from gateway.pipeline.objects import ObjectStore, make_object_store
+from gateway.upstream.forward import UpstreamClient
 from gateway.web.api import UsageApi
 from gateway.web.metrics import GatewayCollector, metrics_handler
 from gateway.web.security import security_headers

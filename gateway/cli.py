@@ -13,10 +13,10 @@ from typing import TypeVar
 
 import yaml
 
-from gateway.config import ConfigError, GatewayConfig, config_path_from, load_config
+from gateway.config.loader import ConfigError, GatewayConfig, config_path_from, load_config
+from gateway.ledger.readers import LedgerReader
+from gateway.ledger.storage import StorageConfigError, StorageError, open_reader
 from gateway.loop import new_event_loop
-from gateway.readers import LedgerReader
-from gateway.storage import StorageConfigError, StorageError, open_reader
 
 T = TypeVar("T")
 
@@ -59,19 +59,23 @@ def with_reader(config: GatewayConfig, read: Callable[[LedgerReader], Awaitable[
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.logs import setup_logging
-    from gateway.server import serve
+    from gateway.server import ListenError, serve
 
     path = config_path_from(args.config)
     config = _load(args.config)
     setup_logging(config.log_level)
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
-    run_async(lambda: serve(path, config, host, port))
+    try:
+        run_async(lambda: serve(path, config, host, port))
+    except ListenError as error:
+        print(f"metering-gateway: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from gateway.keys import today_in
+    from gateway.access.keys import today_in
 
     config = _load(args.file)
     for warning in expired_key_warnings(config, args.file, today_in(config.limits_timezone)):
@@ -160,7 +164,7 @@ def _entry(node: yaml.Node | None, name: str) -> yaml.Node | None:
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
-    from gateway.keys import mint_key, parse_expiry, today_in
+    from gateway.access.keys import mint_key, parse_expiry, today_in
 
     config = _load(args.config)
     if not _known_team(config, args.team):
@@ -180,8 +184,8 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from gateway.keys import today_in
-    from gateway.reports import ReportQuery, key_lines, parse_when, render, usage_rows
+    from gateway.access.keys import today_in
+    from gateway.billing.reports import ReportQuery, key_lines, parse_when, render, usage_rows
 
     config = _load(args.config)
     zone = config.limits_timezone
@@ -203,7 +207,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_invoice(args: argparse.Namespace) -> int:
-    from gateway.reports import build_invoice, month_bounds, render_invoice
+    from gateway.billing.reports import build_invoice, month_bounds, render_invoice
 
     config = _load(args.config)
     if not _known_team(config, args.team):
@@ -221,7 +225,7 @@ def cmd_invoice(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from gateway.devtools.demo import run_demo
 
     logging.getLogger().setLevel(logging.WARNING)
     output: list[str] = []
@@ -235,10 +239,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_reprice(args: argparse.Namespace) -> int:
-    from gateway.prices import BUILTIN, PriceBook
-    from gateway.pricing import PricingError, load_price_table
-    from gateway.reports import parse_when
-    from gateway.reprice import reprice
+    from gateway.billing.reports import parse_when
+    from gateway.billing.reprice import reprice
+    from gateway.pricing.book import BUILTIN, PriceBook
+    from gateway.pricing.table import PricingError, load_price_table
 
     config = _load(args.config)
     try:
@@ -263,8 +267,8 @@ def cmd_prices(args: argparse.Namespace) -> int:
     import json
     from datetime import UTC, datetime
 
-    from gateway.prices import PriceBook, render_prices
-    from gateway.pricing import PricingError
+    from gateway.pricing.book import PriceBook, render_prices
+    from gateway.pricing.table import PricingError
 
     try:
         on = date.fromisoformat(args.at) if args.at else datetime.now(UTC).date()
@@ -296,7 +300,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     import os
     import urllib.error
 
-    from gateway.reconcile import ADMIN_KEY_ENV, reconcile, utc_month
+    from gateway.billing.reconcile import ADMIN_KEY_ENV, reconcile, utc_month
 
     config = _load(args.config)
     admin_key = os.environ.get(ADMIN_KEY_ENV)
@@ -318,7 +322,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_fake_upstream(args: argparse.Namespace) -> int:
-    from gateway.fake_upstream import run_fake_upstream
+    from gateway.devtools.fake_upstream import run_fake_upstream
 
     run_fake_upstream(args.host, args.port)
     return EXIT_OK

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import hashlib
 import logging
+import os
 import signal
 from pathlib import Path
 
 from aiohttp import web
 
 from gateway.app import HANDLER, LEDGER, READY, UPSTREAM, build_app
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config.loader import ConfigError, GatewayConfig, load_config
 from gateway.logs import install_bad_request_filter
-from gateway.proxy import UpstreamClient
+from gateway.upstream.forward import UpstreamClient
 
 log = logging.getLogger("gateway.server")
 WATCH_INTERVAL_S = 2.0
@@ -43,6 +45,21 @@ def make_runner(app: web.Application) -> web.AppRunner:
     )
 
 
+class ListenError(Exception):
+    """The address cannot be listened on: one line for the operator, not a traceback."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        if error.errno == errno.EADDRINUSE:
+            advice = "another process (another gateway?) listens there: stop it, or choose "
+            advice += "another port with --port or listen.port"
+        elif error.errno == errno.EACCES:
+            advice = "ports below 1024 need privileges: choose another with --port or listen.port"
+        else:
+            advice = "check --host / listen.host and --port / listen.port"
+        super().__init__(f"cannot listen on {host}:{port}: {reason.lower()}; {advice}")
+
+
 class GatewayProcess:
     def __init__(self, config_path: Path, config: GatewayConfig, host: str, port: int) -> None:
         self.config_path = config_path
@@ -60,7 +77,11 @@ class GatewayProcess:
         gc.collect()
         gc.freeze()
         site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:
+            await runner.cleanup()
+            raise ListenError(self.host, self.port, error) from error
         log.info("listening on http://%s:%d/v1", self.host, self.port)
         print(f"metering-gateway listening on http://{self.host}:{self.port}/v1", flush=True)
         loop = asyncio.get_running_loop()

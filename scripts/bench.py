@@ -109,7 +109,7 @@ END_MARK = "<!-- bench:end -->"
 _FAKE_REUSEPORT = """\
 import sys
 from aiohttp import web
-from gateway.fake_upstream import build_fake_app
+from gateway.devtools.fake_upstream import build_fake_app
 try:
     import uvloop
     loop = uvloop.new_event_loop()
@@ -1038,7 +1038,7 @@ class LedgerResult:
 
 async def ledger_alone(path: Path, rows: int) -> LedgerResult:
     """Append `rows` records to a fresh Ledger, batch by batch, and time until all are written."""
-    from gateway.ledger import CallRecord, Ledger
+    from gateway.ledger.writer import CallRecord, Ledger
 
     result = LedgerResult(rows)
     ledger = Ledger(path, flush_interval_ms=100)

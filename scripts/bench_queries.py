@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.ledger import CallRecord, Ledger
-from gateway.readers import SqliteReader
-from gateway.usage import COMPLETION_PATHS, UsageQuery, bucket_page, spend_since
+from gateway.billing.queries import COMPLETION_PATHS, UsageQuery, bucket_page, spend_since
+from gateway.ledger.readers import SqliteReader
+from gateway.ledger.writer import CallRecord, Ledger
 
 DAY = 86_400
 TEAMS = [f"team-{n}" for n in range(20)]

@@ -9,7 +9,7 @@ import openai
 import orjson
 import pytest
 
-from gateway import tokens
+from gateway.metering import tokens
 from tests.conftest import RESEARCH_KEY, Gateway, sha
 
 PROMPT = [{"role": "user", "content": "say hello to me"}]

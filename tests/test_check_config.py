@@ -7,7 +7,7 @@ from datetime import date
 from pathlib import Path
 
 from gateway.cli import expired_key_warnings
-from gateway.config import load_config
+from gateway.config.loader import load_config
 from tests.conftest import sha
 from tests.test_config import run_cli
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config, parse_config, parse_size, usd_to_nanousd
+from gateway.config.loader import ConfigError, load_config, parse_config, parse_size, usd_to_nanousd
 
 HASH_A = hashlib.sha256(b"a").hexdigest()
 HASH_B = hashlib.sha256(b"b").hexdigest()

@@ -51,7 +51,7 @@ from typing import Any
 
 import openai
 
-from gateway.config import load_config
+from gateway.config.loader import load_config
 from tests.processes import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]

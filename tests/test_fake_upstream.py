@@ -16,7 +16,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestServer
 from openai import AsyncOpenAI
 
-from gateway.fake_upstream import (
+from gateway.devtools.fake_upstream import (
     FAKE_STATE,
     MAX_RECEIVED,
     FakeState,

@@ -12,11 +12,11 @@ import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.config import GatewayConfig, load_config
-from gateway.ledger import CallRecord, Ledger
-from gateway.pricing import format_usd
-from gateway.readers import SqliteReader
-from gateway.reports import build_invoice, render_invoice
+from gateway.billing.reports import build_invoice, render_invoice
+from gateway.config.loader import GatewayConfig, load_config
+from gateway.ledger.readers import SqliteReader
+from gateway.ledger.writer import CallRecord, Ledger
+from gateway.pricing.table import format_usd
 from tests.conftest import RESEARCH_KEY, Gateway, sha
 
 NOV_1 = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
@@ -199,7 +199,7 @@ def test_invoice_command_formats(tmp_path: Path):
 async def test_report_by_day_uses_the_limits_timezone_and_since_until(tmp_path: Path):
     from zoneinfo import ZoneInfo
 
-    from gateway.reports import ReportQuery, parse_when, usage_rows
+    from gateway.billing.reports import ReportQuery, parse_when, usage_rows
 
     path = tmp_path / "l.sqlite3"
     late_evening_utc = NOV_1 + 23 * 3600  # 2026-11-02 08:00 in Tokyo
@@ -229,7 +229,7 @@ async def test_report_by_day_uses_the_limits_timezone_and_since_until(tmp_path: 
 def test_reprice_recomputes_costs_exactly_and_dry_run_writes_nothing(tmp_path: Path):
     import sqlite3
 
-    from gateway.pricing import load_price_table
+    from gateway.pricing.table import load_price_table
 
     config_path = write_config(tmp_path)
     config = load_config(config_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ledger import COLUMNS, CallRecord, Ledger
+from gateway.ledger.writer import COLUMNS, CallRecord, Ledger
 
 SPEC_COLUMNS = {
     "request_id": "TEXT",

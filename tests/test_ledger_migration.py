@@ -22,10 +22,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.config import StorageConfig
-from gateway.ledger import COLUMNS, SCHEMA_VERSION, CallRecord, Ledger, prepare_database
-from gateway.postgres import PostgresLedger, safe_dsn
-from gateway.storage import LedgerTooNew, StorageError, open_reader
+from gateway.config.loader import StorageConfig
+from gateway.ledger.postgres import PostgresLedger, safe_dsn
+from gateway.ledger.storage import LedgerTooNew, StorageError, open_reader
+from gateway.ledger.writer import COLUMNS, SCHEMA_VERSION, CallRecord, Ledger, prepare_database
 from tests.processes import TEAMS, Stack, free_port
 from tests.services import PostgresServer
 
@@ -69,7 +69,7 @@ AFTER_UPGRADE = CallRecord(
     audio_seconds=42.75,
     input_characters=4321,
 )
-# `requests` as commit 0c35914 created it on PostgreSQL (`gateway.postgres.SCHEMA_SQL`).
+# `requests` as commit 0c35914 created it on PostgreSQL (`gateway.ledger.postgres.SCHEMA_SQL`).
 POSTGRES_V1_DDL = [
     """CREATE TABLE requests (
   request_id TEXT COLLATE "C" PRIMARY KEY,

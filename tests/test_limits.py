@@ -4,13 +4,14 @@ reject and in queue mode, and a key is held to its own limits and its team's."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import openai
 import pytest
 
 from gateway.app import LIMITER
-from gateway.limits import format_duration
+from gateway.limits.admission import format_duration
 from tests.conftest import PRODUCT_KEY, RESEARCH_KEY, sha
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello to me"}]}
@@ -264,7 +265,7 @@ async def test_shadow_mode_refuses_nothing_and_marks_exactly_what_reject_mode_re
 
 async def test_report_shows_what_each_limit_would_have_done(make_gateway):
     from gateway.app import LEDGER
-    from gateway.reports import ReportQuery, usage_rows
+    from gateway.billing.reports import ReportQuery, usage_rows
 
     limits = "{requests_per_minute: 2}"
     shadow = await make_gateway(teams=team(limits).replace("on_limit: reject", "enforce: false"))
@@ -276,3 +277,22 @@ async def test_report_shows_what_each_limit_would_have_done(make_gateway):
         (None, 2, 0),
         ("requests_per_minute", 3, 3),
     ]
+
+
+async def test_a_call_the_upstream_never_answered_takes_nothing_from_the_rates(make_gateway):
+    closed = socket.socket()  # bound, never listening: every connection is refused
+    closed.bind(("127.0.0.1", 0))
+    gateway = await make_gateway(
+        teams=team("{requests_per_minute: 3, tokens_per_minute: 1000, requests_per_day: 100}"),
+        upstream_url=f"http://127.0.0.1:{closed.getsockname()[1]}/v1",
+    )
+    results = [await call(gateway.client()) for _ in range(5)]
+    closed.close()
+    assert statuses(results) == [502] * 5  # never 429: no call happened
+    for refused in results:
+        headers = refused.response.headers
+        assert headers["x-ratelimit-remaining-requests"] == "3"
+        assert headers["x-ratelimit-remaining-tokens"] == "1000"
+    # The calendar quota counts each call let through, as its rebuild from the ledger does.
+    meter = gateway.app[LIMITER].teams["research"]
+    assert [quota.used for quota in meter.quotas] == [5] and meter.active == 0

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import GatewayConfig, load_config
+from gateway.config.loader import GatewayConfig, load_config
 from gateway.web import metrics
 from gateway.web.metrics import ModelLabels
 from tests.conftest import DEFAULT_TEAMS, PRODUCT_KEY, RESEARCH_KEY, Gateway, GatewayFactory, sha

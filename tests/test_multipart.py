@@ -1,6 +1,6 @@
-"""The `model` field of multipart uploads (`gateway.multipart.MultipartModelParser`): found by
-its Content-Disposition name however the body is split, quoted or ordered, never taken from
-another field's value; an upload that could be read two ways is refused. The end-to-end tests
+"""The `model` field of multipart uploads (`gateway.pipeline.multipart.MultipartModelParser`):
+found by its Content-Disposition name however the body is split, quoted or ordered, never taken
+from another field's value; an upload that could be read two ways is refused. The end-to-end tests
 go through the gateway (its handler feeds the parser) with the official SDK or raw bytes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from gateway.errors import GatewayError
-from gateway.multipart import MAX_MODEL_BYTES, MultipartModelParser
+from gateway.pipeline.multipart import MAX_MODEL_BYTES, MultipartModelParser
 from tests.conftest import PRODUCT_KEY, Fake, GatewayFactory, sha
 
 FORM = "multipart/form-data; boundary=B"

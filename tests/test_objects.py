@@ -18,9 +18,10 @@ import openai
 import orjson
 import pytest
 
-from gateway.config import StorageConfig
-from gateway.ledger import Ledger
-from gateway.objects import (
+from gateway.config.loader import StorageConfig
+from gateway.ledger.storage import StorageConfigError
+from gateway.ledger.writer import Ledger
+from gateway.pipeline.objects import (
     MAX_WALK_DEPTH,
     ObjectRoute,
     ObjectStore,
@@ -39,7 +40,6 @@ from gateway.objects import (
     referenced_ids,
     route,
 )
-from gateway.storage import StorageConfigError
 from tests.conftest import UPSTREAM_KEY, Fake
 from tests.services import PostgresServer
 

@@ -8,7 +8,7 @@ import asyncio
 import openai
 import pytest
 
-from gateway.pacing import UpstreamPacer, parse_reset
+from gateway.upstream.pacing import UpstreamPacer, parse_reset
 from tests.conftest import RESEARCH_KEY, Fake, direct_client, sha
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello to me"}]}

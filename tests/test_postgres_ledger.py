@@ -23,13 +23,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.app import HANDLER, LEDGER, build_app
-from gateway.config import load_config
-from gateway.ledger import COLUMNS, CallRecord, Ledger
-from gateway.postgres import PostgresLedger, numbered, safe_dsn
-from gateway.readers import LedgerReader
-from gateway.reconcile import gateway_figures
-from gateway.reports import ReportQuery, build_invoice, usage_rows
-from gateway.usage import UsageQuery, bucket_page, spend_since
+from gateway.billing.queries import UsageQuery, bucket_page, spend_since
+from gateway.billing.reconcile import gateway_figures
+from gateway.billing.reports import ReportQuery, build_invoice, usage_rows
+from gateway.config.loader import load_config
+from gateway.ledger.postgres import PostgresLedger, numbered, safe_dsn
+from gateway.ledger.readers import LedgerReader
+from gateway.ledger.writer import COLUMNS, CallRecord, Ledger
 from tests.conftest import PRICING, PRODUCT_KEY, RESEARCH_KEY, Fake, Gateway, sha
 from tests.processes import free_port, wait_for_port
 from tests.services import PostgresServer

@@ -22,10 +22,10 @@ import genai_prices
 import pytest
 
 from gateway.cli import main, unpriced_model_warnings
-from gateway.config import ConfigError, load_config, parse_config
-from gateway.ledger import CallRecord, Ledger
-from gateway.prices import Catalog, PriceBook, builtin_catalog
-from gateway.pricing import CallUsage, PricingError, load_price_table, parse_price_table
+from gateway.config.loader import ConfigError, load_config, parse_config
+from gateway.ledger.writer import CallRecord, Ledger
+from gateway.pricing.book import Catalog, PriceBook, builtin_catalog
+from gateway.pricing.table import CallUsage, PricingError, load_price_table, parse_price_table
 from tests.conftest import sha
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,26 +84,6 @@ def test_the_database_has_openai_models_tiers_batch_and_dated_changes() -> None:
         "gpt-5.6-terra", "gpt-6-astra", "gpt-6-luna", "gpt-6-rosalind", "gpt-6-sol",
         "gpt-6.1-sol", "gpt-6.1-terra",
     }  # fmt: skip
-
-
-def test_the_builtin_book_loads_well_under_a_second() -> None:
-    # A fresh interpreter: importing genai-prices (pydantic, its data) and compiling OpenAI's.
-    script = (
-        "import time; t = time.perf_counter(); import genai_prices.data; "
-        "from gateway.prices import PriceBook; c = time.perf_counter(); PriceBook.builtin(); "
-        "e = time.perf_counter(); print(e - t, e - c)"
-    )
-    runs = [
-        [float(x) for x in subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT,
-            timeout=60,
-        ).stdout.split()]
-        for _ in range(2)
-    ]  # fmt: skip
-    total, compile_only = min(runs)
-    print(f"builtin book: {total:.3f} s cold (import + compile), compile {compile_only:.3f} s")
-    assert total < 1.0
-    assert compile_only < 0.25
 
 
 # ---------------------------------------------------------------- list prices, by hand
@@ -460,7 +440,7 @@ def start_in_a_fresh_process(cache: Path) -> dict:
     """Load the builtin book in a new interpreter: what it found, and whether it had to
     import genai-prices to do it."""
     probe = (
-        "import json, sys; from gateway.prices import PriceBook, compiled_catalog_path; "
+        "import json, sys; from gateway.pricing.book import PriceBook, compiled_catalog_path; "
         "book = PriceBook.builtin(); "
         "print(json.dumps({'imported': 'genai_prices' in sys.modules, "
         "'hash': book.content_hash, 'path': str(compiled_catalog_path()), "

@@ -23,9 +23,9 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.config import load_config
-from gateway.readers import SqliteReader
-from gateway.reports import build_invoice
+from gateway.billing.reports import build_invoice
+from gateway.config.loader import load_config
+from gateway.ledger.readers import SqliteReader
 from tests.conftest import RESEARCH_KEY, Gateway, GatewayFactory, sha
 from tests.raw_upstream import RawUpstream
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pricing import (
+from gateway.pricing.table import (
     ModelPrice,
     PriceTable,
     PricingError,

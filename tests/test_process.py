@@ -165,3 +165,18 @@ def test_kill_9_and_restart_keeps_the_days_request_quota(stack: Stack):
         )
     assert refused.value.code == "insufficient_quota"
     assert "requests_per_day" in refused.value.message
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(stack: Stack):
+    # The stack's gateway holds its port; a second one on the same config cannot listen.
+    second = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(stack.config)],
+        env=stack.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert second.stderr == (
+        f"metering-gateway: cannot listen on 127.0.0.1:{stack.port}: address already in use; "
+        "another process (another gateway?) listens there: stop it, or choose another port "
+        "with --port or listen.port\n"
+    )
+    assert stack.client().models.list().data  # the first one still serves

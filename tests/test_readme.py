@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.config import documented_keys
+from gateway.config.loader import documented_keys
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION_OF_PREFIX = {
@@ -40,6 +40,9 @@ def test_config_reference_matches_the_validator():
 def test_readme_gives_the_two_setup_commands_and_ci_runs_the_test_one():
     text = README.read_text()
     assert "pip install . && OPENAI_API_KEY=sk-... metering-gateway serve" in text
-    assert "pip install '.[test]' && python -m pytest -q" in text
-    ci = (README.parent / ".ci" / "run").read_text()
-    assert "python -m pytest -q" in ci
+    assert "```sh\nbash scripts/test.sh\n```" in text
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert ci[-1] == "bash scripts/test.sh", "CI runs exactly the README's test command"
+    script = (README.parent / "scripts" / "test.sh").read_text()
+    assert "pip install --quiet '.[test]'" in script
+    assert script.rstrip().endswith('exec python -m pytest -q "$@"')

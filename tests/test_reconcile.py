@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.pricing import load_price_table
+from gateway.pricing.table import load_price_table
 from tests.conftest import PRICING, Fake, Gateway, direct_client
 
 ADMIN = "sk-admin-fake"
@@ -41,8 +41,8 @@ async def run_reconcile(gateway: Gateway) -> tuple[int, list[str]]:
         "--month", month, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, (out or err).decode().splitlines()
+    code = await process.wait()
+    return code, (out or err).decode().splitlines()
 
 
 async def test_reconcile_shows_zero_drift_against_the_fake_upstream(fake: Fake, make_gateway):

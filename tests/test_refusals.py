@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from gateway import tokens
+from gateway.metering import tokens
 from tests.conftest import EXPIRED_KEY, PRODUCT_KEY, RESEARCH_KEY, UPSTREAM_KEY, Gateway, sha
 
 WHISPER_ONLY = f"""
@@ -325,7 +325,7 @@ async def test_multipart_model_sent_after_the_file_is_still_refused_before_upstr
 
 
 async def test_a_refused_body_never_sends_its_last_piece():
-    from gateway.handler import _last_piece_after
+    from gateway.pipeline.handler import _last_piece_after
 
     async def pieces():
         for piece in (b"a", b"b", b"c"):

@@ -37,10 +37,12 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from gateway import keys, server, tokens
+from gateway import server
+from gateway.access import keys
+from gateway.access.auth import Authenticator
 from gateway.app import HANDLER, build_app
-from gateway.auth import Authenticator
-from gateway.config import load_config
+from gateway.config.loader import load_config
+from gateway.metering import tokens
 from tests import processes
 from tests.conftest import (
     DEFAULT_TEAMS,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import textwrap
 from collections import Counter
@@ -20,9 +21,9 @@ import pytest
 import redis.asyncio as redis_client
 import yaml
 
-from gateway import redis_limits
-from gateway.config import load_config
-from gateway.redis_client import RedisAddress
+from gateway.config.loader import load_config
+from gateway.limits import redis as redis_limits
+from gateway.limits.redis_client import RedisAddress
 from tests.conftest import RESEARCH_KEY, GatewayFactory, sha
 from tests.processes import free_port, start_gateway_process, stop_process
 from tests.services import PostgresServer, RedisServer
@@ -496,3 +497,32 @@ async def test_a_shadow_team_is_never_refused_even_while_redis_is_down(
         (200, "requests_per_day"),
         (200, None),
     ]
+
+
+async def test_a_call_the_upstream_never_answered_takes_nothing_from_the_shared_rates(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    closed = socket.socket()  # bound, never listening: every connection is refused
+    closed.bind(("127.0.0.1", 0))
+    gateway = await make_gateway(
+        teams=teams("{requests_per_minute: 3, requests_per_day: 100}"),
+        extra_yaml=shared_limits(redis_server.url),
+        upstream_url=f"http://127.0.0.1:{closed.getsockname()[1]}/v1",
+    )
+    codes = []
+    for _ in range(5):
+        with pytest.raises(openai.APIStatusError) as caught:
+            await chat(gateway)
+        codes.append(caught.value.status_code)
+    closed.close()
+    assert codes == [502] * 5  # never 429: the settles gave the rate back in Redis
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            str(gateway.server.make_url("/gateway/me")),
+            headers={"Authorization": f"Bearer {RESEARCH_KEY}"},
+        ) as response,
+    ):
+        limits = (await response.json())["limits"]
+    assert limits["requests_per_minute"]["remaining"] == 3
+    assert limits["requests_per_day"]["used"] == 5

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import tokens
-from gateway.tokens import (
+from gateway.metering import tokens
+from gateway.metering.tokens import (
     count_text,
     encoding_name_for_model,
     estimate_prompt_tokens,
@@ -292,23 +292,29 @@ def test_other_paths_count_nothing() -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "body"),
+    ("path", "body", "expected"),
     [
-        ("/v1/chat/completions", {"messages": "not a list"}),
-        ("/v1/chat/completions", {"messages": [None, 3, "x", {"role": 5, "content": {"a": 1}}]}),
-        ("/v1/chat/completions", {"messages": [{"content": [None, {"text": 7}, "raw"]}]}),
-        ("/v1/chat/completions", {"model": 42, "messages": [], "tools": {"x": {1, 2}}}),
-        ("/v1/completions", {"prompt": [None, 1.5, {"a": "b"}, True]}),
-        ("/v1/embeddings", {"input": {"not": "a list"}}),
-        ("/v1/embeddings", {"input": [[1, "x"], None]}),
-        ("/v1/responses", {"input": 7, "instructions": ["x"]}),
-        ("/v1/responses", {"input": [None, "hello", {"type": "function_call_output"}]}),
-        ("/v1/chat/completions", []),
-        ("/v1/chat/completions", None),
+        # Chat: the reply priming (3) and 3 per message that is an object; anything else in
+        # it counts nothing.
+        ("/v1/chat/completions", {"messages": "not a list"}, 3),
+        ("/v1/chat/completions",
+         {"messages": [None, 3, "x", {"role": 5, "content": {"a": 1}}]}, 3 + 3),
+        ("/v1/chat/completions", {"messages": [{"content": [None, {"text": 7}, "raw"]}]}, 3 + 3),
+        # Tools of any shape are counted as their compact JSON: {"x":"{1, 2}"} is 10 tokens.
+        ("/v1/chat/completions", {"model": 42, "messages": [], "tools": {"x": {1, 2}}}, 3 + 10),
+        ("/v1/completions", {"prompt": [None, 1.5, {"a": "b"}, True]}, 1),
+        ("/v1/embeddings", {"input": {"not": "a list"}}, 0),
+        ("/v1/embeddings", {"input": [[1, "x"], None]}, 2),
+        ("/v1/responses", {"input": 7, "instructions": ["x"]}, 3),
+        ("/v1/responses", {"input": [None, "hello", {"type": "function_call_output"}]}, 10),
+        ("/v1/chat/completions", [], 0),
+        ("/v1/chat/completions", None, 0),
     ],
-)
-def test_odd_shapes_never_raise(path: str, body: object) -> None:
-    assert estimate_prompt_tokens(path, body) >= 0  # type: ignore[arg-type]
+)  # fmt: skip
+def test_odd_shapes_count_what_they_can_and_never_raise(
+    path: str, body: object, expected: int
+) -> None:
+    assert estimate_prompt_tokens(path, body) == expected  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -345,7 +351,7 @@ _OFFLINE_SCRIPT = textwrap.dedent(
     socket.getaddrinfo = refuse
     socket.create_connection = refuse
 
-    from gateway import tokens
+    from gateway.metering import tokens
 
     assert tokens.count_text("gpt-4o", "hello world") == 2
     assert tokens.count_text("gpt-4", "hello world") == 2

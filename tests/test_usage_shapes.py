@@ -32,7 +32,7 @@ from openai.types.responses import (
     ResponseIncompleteEvent,
 )
 
-from gateway.metering import (
+from gateway.metering.meter import (
     HEAD_LIMIT,
     TAIL_LIMIT,
     BodyRecorder,

@@ -14,14 +14,9 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiMapping
 
-from gateway.auth import Authenticator, Caller, ensure_not_expired
-from gateway.config import GatewayConfig
-from gateway.errors import ADMIN_UNAUTHORIZED, INVALID_REQUEST, GatewayError, error_body
-from gateway.keys import bearer_secret, today_in
-from gateway.limits import Limiter
-from gateway.pricing import format_usd
-from gateway.readers import LedgerReader
-from gateway.usage import (
+from gateway.access.auth import Authenticator, Caller, ensure_not_expired
+from gateway.access.keys import bearer_secret, today_in
+from gateway.billing.queries import (
     BUCKET_LIMITS,
     COMPLETION_PATHS,
     GROUP_COLUMNS,
@@ -33,6 +28,11 @@ from gateway.usage import (
     now,
     spend_since,
 )
+from gateway.config.loader import GatewayConfig
+from gateway.errors import ADMIN_UNAUTHORIZED, INVALID_REQUEST, GatewayError, error_body
+from gateway.ledger.readers import LedgerReader
+from gateway.limits.admission import Limiter
+from gateway.pricing.table import format_usd
 
 log = logging.getLogger("gateway.web")
 

@@ -25,11 +25,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gateway.config import GatewayConfig
-from gateway.keys import days_left, today_in
-from gateway.ledger import CallRecord, LedgerWriter
-from gateway.limits import Limiter
-from gateway.pricing import base_model_name
+from gateway.access.keys import days_left, today_in
+from gateway.config.loader import GatewayConfig
+from gateway.ledger.writer import CallRecord, LedgerWriter
+from gateway.limits.admission import Limiter
+from gateway.pricing.table import base_model_name
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_KINDS = ("input", "cached_input", "output", "reasoning")

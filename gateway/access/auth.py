@@ -1,0 +1,70 @@
+"""Who is calling and what they may call: key lookup, expiry, and the team's allow-lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+from gateway.access.keys import KeyRing, bearer_secret, days_left
+from gateway.config.loader import GatewayConfig, KeyConfig, TeamConfig
+from gateway.errors import (
+    ENDPOINT_NOT_ALLOWED,
+    INVALID_API_KEY,
+    KEY_EXPIRED,
+    MODEL_NOT_ALLOWED,
+    GatewayError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    key: KeyConfig
+    team: TeamConfig
+    days_left: int | None
+
+
+class Authenticator:
+    def __init__(self, config: GatewayConfig) -> None:
+        self._config = config
+        self._ring = KeyRing(config.keys_by_hash())
+
+    def authenticate(self, authorization: str | None, today: date) -> Caller:
+        secret = bearer_secret(authorization)
+        if secret is None:
+            raise GatewayError(
+                INVALID_API_KEY,
+                "You didn't provide an API key. Send your gateway key as "
+                "'Authorization: Bearer <key>'.",
+            )
+        key = self._ring.find(secret)
+        if key is None:
+            raise GatewayError(INVALID_API_KEY, "Incorrect API key provided.")
+        return Caller(key=key, team=self._config.teams[key.team], days_left=days_left(key, today))
+
+
+def ensure_not_expired(caller: Caller) -> None:
+    if caller.days_left is not None and caller.days_left < 0:
+        raise GatewayError(
+            KEY_EXPIRED, f"This gateway key expired on {caller.key.expires}. Ask for a new key."
+        )
+
+
+def authorize_endpoint(team: TeamConfig, method: str, api_path: str) -> None:
+    """Raise unless the team may call this method and path."""
+    full_path = "/v1" + api_path
+    if team.endpoints is not None and not any(
+        rule.allows(method, full_path) for rule in team.endpoints
+    ):
+        raise GatewayError(
+            ENDPOINT_NOT_ALLOWED, f"Team '{team.name}' may not call {method} {full_path}."
+        )
+
+
+def authorize_model(team: TeamConfig, model: str | None) -> None:
+    """Raise unless the team may use this model (None: the request names none)."""
+    if team.models is not None and model is not None and model not in team.models:
+        raise GatewayError(
+            MODEL_NOT_ALLOWED,
+            f"Team '{team.name}' may not use model '{model}'.",
+            param="model",
+        )

@@ -1,0 +1,1 @@
+"""Answers from the ledger: reports, invoices, usage queries, repricing, reconciliation."""

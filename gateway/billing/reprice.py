@@ -1,0 +1,83 @@
+"""`metering-gateway reprice`: recompute the ledger's costs under new prices.
+
+Every row keeps its usage (tokens, tool calls, seconds, characters, bytes), its start time,
+service tier and batch flag, so its cost can be recomputed exactly with the prices in force
+when it started; teams' own `pricing:` overrides from the config are applied over the new
+prices, as the gateway would.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from gateway.config.loader import GatewayConfig
+from gateway.ledger.readers import LedgerReader
+from gateway.pricing.book import PriceBook
+from gateway.pricing.table import CallUsage, format_usd
+
+# Every column: a ledger written before the unit columns existed reads them as absent (0).
+_ROWS = "SELECT * FROM requests WHERE started_at >= ?"
+_UPDATE = (
+    "UPDATE requests SET cost_nanousd = ?, pricing_hash = ?, price_unknown = ? WHERE request_id = ?"
+)
+
+
+@dataclass
+class RepriceResult:
+    examined: int = 0
+    changed: int = 0
+    old_total: int = 0
+    new_total: int = 0
+    by_model: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
+
+    def lines(self, applied: bool) -> list[str]:
+        out = [
+            f"{self.examined} rows examined, {self.changed} with a new cost "
+            f"({'updated' if applied else 'dry run: nothing written'})",
+            f"total: {format_usd(self.old_total)} -> {format_usd(self.new_total)} USD",
+        ]
+        for model, (rows, old, new) in sorted(self.by_model.items()):
+            out.append(f"  {model or '(no model)'}: {rows} rows, {format_usd(old)} -> "
+                       f"{format_usd(new)} USD")  # fmt: skip
+        return out
+
+
+def _books(config: GatewayConfig, base: PriceBook) -> dict[str | None, PriceBook]:
+    books: dict[str | None, PriceBook] = {None: base}
+    for name, team in config.teams.items():
+        overrides = team.pricing_overrides
+        books[name] = base.with_overrides(overrides) if overrides else base
+    return books
+
+
+async def reprice(
+    reader: LedgerReader, config: GatewayConfig, prices: PriceBook, since: float, apply: bool
+) -> RepriceResult:
+    books = _books(config, prices)
+    result = RepriceResult()
+    updates = []
+    for row in await reader.rows(_ROWS, (since,)):
+        book = books.get(row.get("team"), prices)
+        model, old = row.get("model"), row.get("cost_nanousd") or 0
+        new, priced = book.cost_of(
+            CallUsage.from_mapping(row),
+            model=model,
+            at=row.get("started_at") or 0.0,
+            service_tier=row.get("service_tier"),
+            batch=bool(row.get("batch")),
+            billable=200 <= (row.get("status") or 0) < 300,
+        )
+        result.examined += 1
+        result.old_total += old
+        result.new_total += new
+        if new != old:
+            result.changed += 1
+            entry = result.by_model[model or ""]
+            entry[0] += 1
+            entry[1] += old
+            entry[2] += new
+        updates.append((new, book.content_hash, int(not priced), row["request_id"]))
+    if apply and updates:
+        await reader.execute_many(_UPDATE, updates)
+    return result

@@ -1,0 +1,1 @@
+"""The YAML config: parsed, validated with `file:line` errors, into frozen dataclasses."""

@@ -1,0 +1,116 @@
+"""`metering-gateway demo`: the whole product in one offline command.
+
+Starts the fake upstream and a gateway on free local ports with a throw-away config, sends a
+few calls through the official openai SDK (one streamed, one over a limit), and prints the
+report from the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import textwrap
+from pathlib import Path
+
+import openai
+from aiohttp import web
+
+from gateway.app import LEDGER, build_app
+from gateway.billing.reports import ReportQuery, render, usage_rows
+from gateway.config.loader import load_config
+from gateway.devtools.fake_upstream import build_fake_app
+
+DEMO_KEYS = {"research": "mgw-demo-research", "interns": "mgw-demo-interns"}
+UPSTREAM_KEY = "sk-demo-upstream"
+
+
+async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, port
+
+
+def _config(folder: Path, upstream_port: int) -> Path:
+    def sha(secret: str) -> str:
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    path = folder / "gateway.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            upstream: {{base_url: "http://127.0.0.1:{upstream_port}/v1",
+                        api_key_env: DEMO_UPSTREAM_KEY, forward_headers: ["x-fake-*"]}}
+            storage: {{sqlite_path: {folder / "ledger.sqlite3"}, flush_interval_ms: 50}}
+            log_calls: false
+            pricing:
+              models:
+                gpt-4o-mini: {{input: 0.15, cached_input: 0.075, output: 0.60}}
+                text-embedding-3-small: {{input: 0.02}}
+            teams:
+              research:
+                keys: [{{id: research-dev, sha256: {sha(DEMO_KEYS["research"])}}}]
+              interns:
+                limits: {{requests_per_minute: 2}}
+                keys: [{{id: intern-laptop, sha256: {sha(DEMO_KEYS["interns"])}}}]
+            """
+        )
+    )
+    return path
+
+
+async def _traffic(base_url: str) -> list[str]:
+    said = []
+    research = openai.AsyncOpenAI(base_url=base_url, api_key=DEMO_KEYS["research"], max_retries=0)
+    reply = await research.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello to the demo."}]
+    )
+    said.append(f"chat:       {reply.choices[0].message.content!r}")
+    stream = await research.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Stream please."}], stream=True
+    )
+    chunks = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    said.append(f"stream:     {len(chunks)} chunks, {''.join(chunks)[:40]!r}...")
+    embedding = await research.embeddings.create(
+        model="text-embedding-3-small", input=["gateway", "demo"]
+    )
+    said.append(f"embeddings: {len(embedding.data)} vectors")
+    interns = openai.AsyncOpenAI(base_url=base_url, api_key=DEMO_KEYS["interns"], max_retries=0)
+    for attempt in range(3):
+        try:
+            await interns.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"call {attempt}"}]
+            )
+            said.append(f"interns #{attempt + 1}: ok")
+        except openai.RateLimitError as error:
+            retry = error.response.headers.get("retry-after")
+            said.append(f"interns #{attempt + 1}: 429 {error.code} (retry-after {retry}s)")
+    await research.close()
+    await interns.close()
+    return said
+
+
+async def run_demo() -> str:
+    os.environ["DEMO_UPSTREAM_KEY"] = os.environ["FAKE_UPSTREAM_KEY"] = UPSTREAM_KEY
+    with tempfile.TemporaryDirectory(prefix="metering-gateway-demo-") as tmp:
+        folder = Path(tmp)
+        fake_runner, fake_port = await _start(build_fake_app())
+        config = load_config(_config(folder, fake_port))
+        app = build_app(config)
+        gateway_runner, port = await _start(app)
+        try:
+            said = await _traffic(f"http://127.0.0.1:{port}/v1")
+            await app[LEDGER].flush()
+            rows = await usage_rows(app[LEDGER].reader, ReportQuery())
+        finally:
+            await gateway_runner.cleanup()
+            await fake_runner.cleanup()
+    return "\n".join(
+        [f"gateway on http://127.0.0.1:{port}/v1 -> fake upstream on port {fake_port}", ""]
+        + said
+        + ["", "report (metering-gateway report):", render(rows, "table")]
+    )

@@ -1,0 +1,1 @@
+"""The ledger: one row per call, its schema and migrations, SQLite and Postgres, readers."""

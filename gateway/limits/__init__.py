@@ -1,0 +1,1 @@
+"""Admission: rates, calendar quotas, concurrency, queues; in-process and shared via Redis."""

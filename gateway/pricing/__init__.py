@@ -1,0 +1,1 @@
+"""What a call costs: price tables, the maintained price database, integer nano-USD arithmetic."""

@@ -1,0 +1,37 @@
+"""The package's layout is its architecture: folders by concern, each saying what it is for,
+a short top level, and development tools the serving path never loads."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
+CONCERNS = {"access", "billing", "config", "devtools", "ledger", "limits", "metering",
+            "pipeline", "pricing", "upstream", "web"}  # fmt: skip
+
+
+def test_each_folder_says_in_one_line_what_it_is_for() -> None:
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == CONCERNS
+    for name in sorted(folders):
+        docstring = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text()))
+        assert docstring and "\n" not in docstring.strip(), name
+
+
+def test_the_top_level_is_at_most_twelve_modules() -> None:
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 12, top
+
+
+def test_serving_never_imports_the_development_tools() -> None:
+    probe = (
+        "import json, sys; import gateway.server, gateway.app, gateway.cli; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('gateway.devtools'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PACKAGE.parent, capture_output=True,
+                          text=True, timeout=60, check=True)  # fmt: skip
+    assert json.loads(done.stdout) == []
