@@ -19,7 +19,7 @@ from gateway.ledger.storage import make_ledger
 from gateway.ledger.writer import LedgerWriter
 from gateway.limits.admission import Limiter, Usage, window_usage
 from gateway.limits.redis import RedisLimiter
-from gateway.pipeline.handler import ProxyHandler
+from gateway.pipeline.handler import Pipeline
 from gateway.pipeline.objects import ObjectStore, make_object_store
 from gateway.upstream.forward import UpstreamClient
 from gateway.web.api import UsageApi
@@ -31,7 +31,7 @@ log = logging.getLogger("gateway")
 CONFIG = web.AppKey("config", GatewayConfig)
 LEDGER = web.AppKey("ledger", LedgerWriter)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
-HANDLER = web.AppKey("handler", ProxyHandler)
+HANDLER = web.AppKey("handler", Pipeline)
 LIMITER = web.AppKey("limiter", Limiter)
 OBJECTS = web.AppKey("objects", ObjectStore)
 READY = web.AppKey("ready", asyncio.Event)
@@ -43,7 +43,7 @@ def build_app(config: GatewayConfig) -> web.Application:
     upstream = UpstreamClient(config)
     limiter = make_limiter(config)
     object_store = make_object_store(config.storage)
-    handler = ProxyHandler(config, upstream, ledger, limiter, object_store)
+    handler = Pipeline(config, upstream, ledger, limiter, object_store)
     app[CONFIG], app[LEDGER], app[UPSTREAM], app[HANDLER] = config, ledger, upstream, handler
     app[LIMITER] = limiter
     app[OBJECTS] = object_store

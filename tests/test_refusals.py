@@ -325,7 +325,7 @@ async def test_multipart_model_sent_after_the_file_is_still_refused_before_upstr
 
 
 async def test_a_refused_body_never_sends_its_last_piece():
-    from gateway.pipeline.handler import _last_piece_after
+    from gateway.pipeline.reading import last_piece_after as _last_piece_after
 
     async def pieces():
         for piece in (b"a", b"b", b"c"):
