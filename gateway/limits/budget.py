@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from gateway.limits.admission import SPEND, TOKENS, Admission, Calendar
 from gateway.metering import tokens
-from gateway.metering.meter import last_event_end, text_of_sse
+from gateway.metering.meter import last_event_end, split_events, text_of_sse
 from gateway.pricing.book import PriceBook
 from gateway.pricing.table import PICO_PER_NANO
 from gateway.upstream.forward import StopRelay
@@ -67,7 +67,7 @@ class StreamBudget:
             return b""
         complete, self._held = data[:end], data[end:]
         passed = []
-        for event in complete.split(b"\n\n"):
+        for event in split_events(complete):
             if not event.strip():
                 continue
             text = text_of_sse(event)
@@ -77,7 +77,7 @@ class StreamBudget:
                     self.cut = True
                     raise StopRelay(b"".join(passed) + _CUT_EVENT)
                 self.delivered.append(text)
-            passed.append(event + b"\n\n")
+            passed.append(event)
         return b"".join(passed)
 
     def finish(self) -> bytes:

@@ -570,15 +570,29 @@ def last_event_end(data: bytes) -> int:
     return max(lf + 2 if lf != -1 else -1, crlf + 4 if crlf != -1 else -1)
 
 
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
+
+
+def split_events(data: bytes) -> list[bytes]:
+    """SSE events, each with the blank line that ended it (LF or CRLF), as sent."""
+    events, start = [], 0
+    for end in _EVENT_END.finditer(data):
+        events.append(data[start : end.end()])
+        start = end.end()
+    if start < len(data):
+        events.append(data[start:])
+    return events
+
+
 def _without_usage_event(events: bytes) -> bytes:
-    position = events.rfind(b'"usage":{')
-    start = events.rfind(b"\n\n", 0, position)
-    start = 0 if start == -1 else start + 2
-    end = events.find(b"\n\n", position)
-    end = len(events) if end == -1 else end + 2
-    if b'"choices":[]' not in events[start:end]:
-        return events
-    return events[:start] + events[end:]
+    """Without the usage-only chunk (`"choices":[]`): the last event that has a usage."""
+    parts = split_events(events)
+    for index in range(len(parts) - 1, -1, -1):
+        if b'"usage":{' in parts[index]:
+            if b'"choices":[]' not in parts[index]:
+                return events
+            return b"".join(parts[:index] + parts[index + 1 :])
+    return events
 
 
 class BodyRecorder:

@@ -105,6 +105,14 @@ class _Connection(asyncio.Protocol):
             self.headers_done.set_result(None)
         if self._head_only:
             self.on_message_complete()
+            if any(
+                name.lower() == b"transfer-encoding"
+                or (name.lower() == b"content-length" and value.strip() != b"0")
+                for name, value in self.raw_headers
+            ):
+                # llhttp is not told that a HEAD answer has no body: it would read the next
+                # answer on this connection as this one's body. The connection is not reused.
+                self.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
