@@ -1,7 +1,8 @@
 """Builds the aiohttp application: routes, stages and the resources they share.
 
-Startup and shutdown of the upstream pool and the ledger live in one cleanup context, so a
-graceful stop always flushes the ledger.
+Each resource starts and stops in a cleanup context of its own, so a graceful stop, or a
+failed start, always closes what had started and flushes the ledger. `Runtime` applies a
+reloaded config.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from aiohttp import web
 
 from gateway.config.loader import GatewayConfig
 from gateway.errors import NOT_FOUND, error_body
+from gateway.ledger.object_store import ObjectStore, make_object_store
 from gateway.ledger.storage import make_ledger
 from gateway.ledger.writer import LedgerWriter
-from gateway.limits.admission import Limiter, Usage, window_usage
-from gateway.limits.redis import RedisLimiter
+from gateway.limits.admission import Limiter
+from gateway.limits.rebuild import window_usage
+from gateway.limits.redis import RedisStore
+from gateway.limits.store import Usage
 from gateway.pipeline.handler import Pipeline
-from gateway.pipeline.objects import ObjectStore, make_object_store
 from gateway.upstream.forward import UpstreamClient
 from gateway.web.api import UsageApi
 from gateway.web.metrics import GatewayCollector, metrics_handler
@@ -37,6 +40,33 @@ OBJECTS = web.AppKey("objects", ObjectStore)
 READY = web.AppKey("ready", asyncio.Event)
 
 
+class Runtime:
+    """What a reload changes, applied in one place: the upstream pool (when its settings
+    changed; calls under way keep the old pool until they end), then the pipeline's keys,
+    limits and prices."""
+
+    def __init__(self, config: GatewayConfig, pipeline: Pipeline) -> None:
+        self.config = config
+        self.pipeline = pipeline
+
+    async def apply(self, config: GatewayConfig) -> None:
+        pipeline = self.pipeline
+        if config.upstream != self.config.upstream:
+            old = pipeline.upstream
+            fresh = UpstreamClient(config)
+            await fresh.start()
+            pipeline.upstream = fresh
+            asyncio.get_running_loop().call_later(
+                config.shutdown_grace_s + config.upstream.timeout_s,
+                lambda: asyncio.ensure_future(old.close()),
+            )
+        pipeline.reconfigure(config)
+        self.config = config
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
 def build_app(config: GatewayConfig) -> web.Application:
     app = web.Application(client_max_size=config.listen.max_request_body)
     ledger = make_ledger(config.storage)
@@ -48,8 +78,9 @@ def build_app(config: GatewayConfig) -> web.Application:
     app[LIMITER] = limiter
     app[OBJECTS] = object_store
     app[READY] = asyncio.Event()
+    app[RUNTIME] = Runtime(config, handler)
     ledger.on_flush.append(handler.call_log.flush)  # call log lines go out on the same beat
-    app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.extend(RESOURCES)
     app.on_response_prepare.append(security_headers)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -70,13 +101,30 @@ def build_app(config: GatewayConfig) -> web.Application:
 def make_limiter(config: GatewayConfig) -> Limiter:
     """Limits in this process, or shared by every replica through Redis."""
     if config.limits_backend.backend == "redis":
-        return RedisLimiter(config)
+        return Limiter(config, RedisStore)
     return Limiter(config)
 
 
-async def _resources(app: web.Application) -> AsyncIterator[None]:
+# One cleanup context per resource, started in this order and closed in the reverse one:
+# when one fails to start, the ones already started are still closed (the ledger flushed).
+async def _call_log(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[HANDLER].call_log.flush()
+
+
+async def _ledger(app: web.Application) -> AsyncIterator[None]:
     await app[LEDGER].open()
+    yield
+    await app[LEDGER].close()
+
+
+async def _object_store(app: web.Application) -> AsyncIterator[None]:
     await app[OBJECTS].open()  # after the ledger: its table is in the ledger's schema
+    yield
+    await app[OBJECTS].close()
+
+
+async def _limiter(app: web.Application) -> AsyncIterator[None]:
     limiter, ledger = app[LIMITER], app[LEDGER]
 
     async def usage() -> Usage:
@@ -84,16 +132,23 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         return await window_usage(limiter, ledger.reader)
 
     await limiter.start(usage)
+    yield
+    await limiter.close()
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
     await app[UPSTREAM].start()
+    yield
+    await app[HANDLER].upstream.close()  # the pool in use now: a reload may have replaced it
+
+
+async def _readiness(app: web.Application) -> AsyncIterator[None]:
     app[READY].set()
-    try:
-        yield
-    finally:
-        await app[UPSTREAM].close()
-        await app[LIMITER].close()
-        await app[OBJECTS].close()
-        await app[LEDGER].close()
-        await app[HANDLER].call_log.flush()
+    yield
+    app[READY].clear()
+
+
+RESOURCES = (_call_log, _ledger, _object_store, _limiter, _upstream, _readiness)
 
 
 STATIC_DIR = Path(__file__).parent / "web" / "static"

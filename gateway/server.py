@@ -15,10 +15,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import HANDLER, LEDGER, READY, UPSTREAM, build_app
+from gateway.app import HANDLER, LEDGER, READY, RUNTIME, build_app
 from gateway.config.loader import ConfigError, GatewayConfig, load_config
 from gateway.logs import install_bad_request_filter
-from gateway.upstream.forward import UpstreamClient
 
 log = logging.getLogger("gateway.server")
 WATCH_INTERVAL_S = 2.0
@@ -71,7 +70,11 @@ class GatewayProcess:
 
     async def run(self) -> None:
         runner = make_runner(self.app)
-        await runner.setup()
+        try:
+            await runner.setup()
+        except BaseException:
+            await runner.cleanup()  # closes whatever had started, the ledger flushed
+            raise
         # Long-lived start-up objects leave the collector's view: full collections then
         # stay short instead of stalling calls for 10-15 ms.
         gc.collect()
@@ -118,18 +121,7 @@ class GatewayProcess:
                 log.error("config not reloaded: %s", problem)
             return False
         self._file_digest = _digest(self.config_path)
-        handler = self.app[HANDLER]
-        if config.upstream != self.config.upstream:
-            old = handler.upstream
-            fresh = UpstreamClient(config)
-            await fresh.start()
-            handler.upstream = self.app[UPSTREAM] = fresh
-            # Calls already under way keep the old pool until they end.
-            asyncio.get_running_loop().call_later(
-                config.shutdown_grace_s + config.upstream.timeout_s,
-                lambda: asyncio.ensure_future(old.close()),
-            )
-        handler.reconfigure(config)
+        await self.app[RUNTIME].apply(config)
         if _restart_only(config) != _restart_only(self.config):
             log.warning(
                 "changes to the listen address, storage, limits.backend or limits.redis_url "

@@ -22,7 +22,8 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import HANDLER, LEDGER, build_app
 from gateway.config.loader import GatewayConfig, load_config
-from gateway.devtools.fake_upstream import FakeState, build_fake_app
+from gateway.devtools.fake_http import FakeState
+from gateway.devtools.fake_upstream import build_fake_app
 from tests.services import PostgresServer
 
 # The compiled price database goes to a folder of this run's, not the user's ~/.cache.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
-from gateway.cli import expired_key_warnings
+from gateway.commands.config_file import expired_key_warnings
 from gateway.config.loader import load_config
 from tests.conftest import sha
 from tests.test_config import run_cli

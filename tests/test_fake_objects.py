@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from gateway.pipeline.objects import created_ids_in_stream
+from gateway.pipeline.object_ids import created_ids_in_stream
 from tests.conftest import UPSTREAM_KEY, Fake
 
 AUTH = {"Authorization": f"Bearer {UPSTREAM_KEY}"}

@@ -16,13 +16,8 @@ import pytest_asyncio
 from aiohttp.test_utils import TestServer
 from openai import AsyncOpenAI
 
-from gateway.devtools.fake_upstream import (
-    FAKE_STATE,
-    MAX_RECEIVED,
-    FakeState,
-    Received,
-    build_fake_app,
-)
+from gateway.devtools.fake_http import FAKE_STATE, MAX_RECEIVED, FakeState, Received
+from gateway.devtools.fake_upstream import build_fake_app
 
 pytestmark = pytest.mark.asyncio
 

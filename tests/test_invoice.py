@@ -16,7 +16,7 @@ from gateway.billing.reports import build_invoice, render_invoice
 from gateway.config.loader import GatewayConfig, load_config
 from gateway.ledger.readers import SqliteReader
 from gateway.ledger.writer import CallRecord, Ledger
-from gateway.pricing.table import format_usd
+from gateway.pricing.arithmetic import format_usd
 from tests.conftest import RESEARCH_KEY, Gateway, sha
 
 NOV_1 = datetime(2026, 11, 1, tzinfo=UTC).timestamp()

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from gateway.app import LIMITER
-from gateway.limits.admission import format_duration
+from gateway.limits.report import format_duration
 from tests.conftest import PRODUCT_KEY, RESEARCH_KEY, sha
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "say hello to me"}]}

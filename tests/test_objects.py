@@ -19,27 +19,28 @@ import orjson
 import pytest
 
 from gateway.config.loader import StorageConfig
-from gateway.ledger.storage import StorageConfigError
-from gateway.ledger.writer import Ledger
-from gateway.pipeline.objects import (
-    MAX_WALK_DEPTH,
-    ObjectRoute,
+from gateway.ledger.object_store import (
     ObjectStore,
     ObjectStoreUnavailable,
     Owner,
     PostgresObjectStore,
     SqliteObjectStore,
-    collect_list,
+    make_object_store,
+)
+from gateway.ledger.storage import StorageConfigError
+from gateway.ledger.writer import Ledger
+from gateway.pipeline.object_ids import (
+    MAX_WALK_DEPTH,
+    ObjectRoute,
     created_ids,
     created_ids_in_stream,
     created_ids_in_stream_tail,
     creates_stored_chat_completion,
-    list_limits,
-    make_object_store,
     may_reference,
     referenced_ids,
     route,
 )
+from gateway.pipeline.object_lists import collect_list, list_limits
 from tests.conftest import UPSTREAM_KEY, Fake
 from tests.services import PostgresServer
 

@@ -1,4 +1,4 @@
-"""The metering hot path, part by part (`gateway/metering/meter.py`): `UsageChunkStripper`
+"""The metering hot path, part by part (`gateway/metering/`): `UsageChunkStripper`
 hides the usage the gateway asked for from a client that did not, byte for byte at every read
 boundary; `usage_in_tail` and `usage_of_answer` read real OpenAI recordings
 (/work/shared/replay) to the token; `BodyRecorder` keeps bounded copies, gzip decoded."""
@@ -16,17 +16,11 @@ from typing import Any
 
 import pytest
 
-from gateway.metering import meter
-from gateway.metering.meter import (
-    HEAD_LIMIT,
-    TAIL_LIMIT,
-    BodyRecorder,
-    Usage,
-    UsageChunkStripper,
-    usage_in_tail,
-    usage_of_answer,
-    usage_of_recording,
-)
+from gateway.metering import sse
+from gateway.metering.answers import usage_in_tail, usage_of_answer, usage_of_recording
+from gateway.metering.recorder import HEAD_LIMIT, TAIL_LIMIT, BodyRecorder
+from gateway.metering.sse import UsageChunkStripper
+from gateway.metering.usage import Usage
 
 REPLAY = Path("/work/shared/replay")
 
@@ -168,7 +162,7 @@ def test_a_stream_ending_without_a_blank_line_is_flushed_by_finish():
 
 
 def test_an_unended_event_over_the_held_bound_is_released_as_it_is():
-    bound = meter._MAX_HELD_EVENT  # 1 MiB
+    bound = sse._MAX_HELD_EVENT  # 1 MiB
     assert bound == 1 << 20
     big = b'data: {"choices":[{"delta":{"content":"' + b"x" * (bound - 39)
     assert len(big) == bound

@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from gateway.pricing.table import format_usd
+from gateway.pricing.arithmetic import format_usd
 from tests.conftest import PRODUCT_KEY, RESEARCH_KEY, SOON_EXPIRY, SOON_KEY, Gateway, sha
 
 webdriver = pytest.importorskip("selenium.webdriver")

@@ -21,11 +21,15 @@ from types import SimpleNamespace
 import genai_prices
 import pytest
 
-from gateway.cli import main, unpriced_model_warnings
+from gateway.cli import main
+from gateway.commands.config_file import unpriced_model_warnings
 from gateway.config.loader import ConfigError, load_config, parse_config
 from gateway.ledger.writer import CallRecord, Ledger
-from gateway.pricing.book import Catalog, PriceBook, builtin_catalog
-from gateway.pricing.table import CallUsage, PricingError, load_price_table, parse_price_table
+from gateway.metering.usage import CallUsage
+from gateway.pricing.book import PriceBook
+from gateway.pricing.catalog import Catalog, builtin_catalog
+from gateway.pricing.errors import PricingError
+from gateway.pricing.table import load_price_table, parse_price_table
 from tests.conftest import sha
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -440,7 +444,8 @@ def start_in_a_fresh_process(cache: Path) -> dict:
     """Load the builtin book in a new interpreter: what it found, and whether it had to
     import genai-prices to do it."""
     probe = (
-        "import json, sys; from gateway.pricing.book import PriceBook, compiled_catalog_path; "
+        "import json, sys; from gateway.pricing.book import PriceBook; "
+        "from gateway.pricing.catalog import compiled_catalog_path; "
         "book = PriceBook.builtin(); "
         "print(json.dumps({'imported': 'genai_prices' in sys.modules, "
         "'hash': book.content_hash, 'path': str(compiled_catalog_path()), "

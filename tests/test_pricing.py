@@ -6,14 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pricing.table import (
-    ModelPrice,
-    PriceTable,
-    PricingError,
-    format_usd,
-    load_price_table,
-    parse_price_table,
-)
+from gateway.pricing.arithmetic import format_usd
+from gateway.pricing.errors import PricingError
+from gateway.pricing.table import ModelPrice, PriceTable, load_price_table, parse_price_table
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -32,18 +32,10 @@ from openai.types.responses import (
     ResponseIncompleteEvent,
 )
 
-from gateway.metering.meter import (
-    HEAD_LIMIT,
-    TAIL_LIMIT,
-    BodyRecorder,
-    Usage,
-    input_characters,
-    usage_from_mapping,
-    usage_in_tail,
-    usage_of_answer,
-    usage_of_object,
-    usage_of_recording,
-)
+from gateway.metering.answers import usage_in_tail, usage_of_answer, usage_of_recording
+from gateway.metering.recorder import HEAD_LIMIT, TAIL_LIMIT, BodyRecorder
+from gateway.metering.requests import input_characters
+from gateway.metering.usage import Usage, usage_from_mapping, usage_of_object
 
 REPLAY = Path("/work/shared/replay")
 needs_replays = pytest.mark.skipif(

@@ -18,7 +18,8 @@ from datetime import UTC, datetime, timedelta
 from gateway.billing.queries import COMPLETION_PATHS
 from gateway.config.loader import GatewayConfig
 from gateway.ledger.readers import LedgerReader
-from gateway.pricing.table import base_model_name, format_usd
+from gateway.pricing.arithmetic import format_usd
+from gateway.pricing.names import base_model_name
 
 ADMIN_KEY_ENV = "OPENAI_ADMIN_KEY"
 

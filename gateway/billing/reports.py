@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 from gateway.access.keys import days_left
 from gateway.config.loader import Billing, GatewayConfig
 from gateway.ledger.readers import Dialect, LedgerReader, count_where
-from gateway.pricing.table import format_usd
+from gateway.pricing.arithmetic import format_usd
 
 GROUPINGS: dict[str, str | None] = {
     "team": "team",

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from gateway.config.loader import GatewayConfig
 from gateway.ledger.readers import LedgerReader
+from gateway.metering.usage import CallUsage
+from gateway.pricing.arithmetic import format_usd
 from gateway.pricing.book import PriceBook
-from gateway.pricing.table import CallUsage, format_usd
 
 # Every column: a ledger written before the unit columns existed reads them as absent (0).
 _ROWS = "SELECT * FROM requests WHERE started_at >= ?"

@@ -1,1 +1,1 @@
-"""The YAML config: parsed, validated with `file:line` errors, into frozen dataclasses."""
+"""The YAML config: its schema, each key declared once, read into frozen dataclasses."""

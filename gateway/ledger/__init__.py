@@ -1,1 +1,1 @@
-"""The ledger: one row per call, its schema and migrations, SQLite and Postgres, readers."""
+"""The ledger: one row per call (schema, migrations, SQLite, Postgres, readers), object owners."""

@@ -131,7 +131,7 @@ REQUEST_INDEXES = [
     "CREATE INDEX IF NOT EXISTS requests_team_started_at ON requests (team, started_at)",
     "CREATE INDEX IF NOT EXISTS requests_key_started_at ON requests (key_id, started_at)",
 ]
-# Who owns each object created through the gateway (`gateway.pipeline.objects`).
+# Who owns each object created through the gateway (`gateway.ledger.object_store`).
 OBJECT_COLUMN_TYPES = {
     "object_id": "TEXT PRIMARY KEY",
     "kind": "TEXT",

@@ -8,11 +8,13 @@ the text the client received.
 
 from __future__ import annotations
 
-from gateway.limits.admission import SPEND, TOKENS, Admission, Calendar
+from gateway.limits.store import Admission
+from gateway.limits.windows import SPEND, TOKENS, Calendar
 from gateway.metering import tokens
-from gateway.metering.meter import last_event_end, split_events, text_of_sse
+from gateway.metering.estimate import text_of_sse
+from gateway.metering.sse import last_event_end, split_events
+from gateway.pricing.arithmetic import PICO_PER_NANO
 from gateway.pricing.book import PriceBook
-from gateway.pricing.table import PICO_PER_NANO
 from gateway.upstream.forward import StopRelay
 
 

@@ -25,14 +25,16 @@ from gateway.errors import (
     error_body,
 )
 from gateway.ledger.writer import CallRecord
-from gateway.metering.meter import BodyRecorder, RequestFacts, Usage
+from gateway.metering.recorder import BodyRecorder
+from gateway.metering.requests import RequestFacts
+from gateway.metering.usage import Usage
 from gateway.upstream.forward import RelayResult
 
 if TYPE_CHECKING:
     from gateway.access.auth import Caller
-    from gateway.limits.admission import Admission
+    from gateway.limits.store import Admission
     from gateway.pipeline.intake import BodyWatch
-    from gateway.pipeline.objects import ObjectRoute
+    from gateway.pipeline.object_ids import ObjectRoute
     from gateway.pipeline.reading import Outgoing
 
 _ID_PREFIX = "req_" + secrets.token_hex(8)

@@ -11,12 +11,12 @@ from urllib.parse import urlencode
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import QUEUE_TIMEOUT, UPSTREAM_UNAVAILABLE, GatewayError
+from gateway.errors import QUEUE_TIMEOUT, GatewayError
 from gateway.pipeline.call import Call
 from gateway.pipeline.reading import Outgoing
 from gateway.pipeline.relaying import refuse_upstream_auth
-from gateway.upstream.client import UpstreamError, UpstreamResponse
-from gateway.upstream.forward import UpstreamClient
+from gateway.upstream.client import UpstreamResponse
+from gateway.upstream.forward import UpstreamClient, read_answer
 from gateway.upstream.pacing import UpstreamPacer, parse_reset
 
 
@@ -58,11 +58,7 @@ class Forwarder:
                 if upstream.status == 401:
                     refuse_upstream_auth(call, upstream)
                 call.record.upstream_request_id = upstream.headers.get("x-request-id")
-                body = await upstream.read()
-            except (UpstreamError, TimeoutError, OSError) as exc:
-                raise GatewayError(
-                    UPSTREAM_UNAVAILABLE, "The upstream API broke off its answer."
-                ) from exc
+                body = await read_answer(upstream)
             finally:
                 upstream.release()
             return upstream.status, body

@@ -28,14 +28,19 @@ from gateway.errors import (
     UPSTREAM_UNAVAILABLE,
     GatewayError,
 )
+from gateway.ledger.object_store import ObjectStore
 from gateway.ledger.writer import LedgerWriter
-from gateway.limits.admission import SPEND, TOKENS, Draw, Limiter, rate_headers
+from gateway.limits.admission import Limiter
 from gateway.limits.budget import StreamBudget, output_budget
+from gateway.limits.report import rate_headers
+from gateway.limits.windows import SPEND, TOKENS, Draw
 from gateway.logs import CallLog
-from gateway.metering import meter as metering
 from gateway.metering import tokens
-from gateway.metering.meter import Usage
-from gateway.pipeline import objects
+from gateway.metering.answers import usage_of_recording
+from gateway.metering.estimate import estimate_usage
+from gateway.metering.requests import RequestFacts
+from gateway.metering.usage import Usage
+from gateway.pipeline import object_ids
 from gateway.pipeline.call import (
     ANSWERED,
     CLIENT_LEFT,
@@ -60,7 +65,7 @@ from gateway.pipeline.reading import (
 )
 from gateway.pipeline.relaying import Relay
 from gateway.pipeline.walls import Walls, created_by_body, may_name_objects, object_route
-from gateway.pricing.table import format_usd
+from gateway.pricing.arithmetic import format_usd
 from gateway.upstream.forward import SMALL_BODY, RelayResult, UpstreamClient
 from gateway.web.metrics import CallStats
 
@@ -79,7 +84,7 @@ class Pipeline:
         upstream: UpstreamClient,
         ledger: LedgerWriter,
         limiter: Limiter,
-        object_store: objects.ObjectStore,
+        object_store: ObjectStore,
     ) -> None:
         self.config = config
         self.forwarder = Forwarder(upstream)
@@ -176,7 +181,7 @@ class Pipeline:
         max_body = self.config.listen.max_request_body
         start_reading(call, max_body, self.config.listen.body_timeout_s)
         if call.objects is not None and call.objects.action == "list":
-            call.facts = metering.RequestFacts(api_path=api_path)
+            call.facts = RequestFacts(api_path=api_path)
             return None
         if is_json(call.request):
             call.outgoing = with_usage_requested(call, await read_json(call, api_path, max_body))
@@ -197,7 +202,7 @@ class Pipeline:
         if facts.json_body is not None:
             call.objects = created_by_body(call.objects, facts.api_path, facts.json_body)
             if may_name_objects(facts.api_path, outgoing.json):
-                await self.walls.check_owned(call, objects.referenced_ids(facts.json_body))
+                await self.walls.check_owned(call, object_ids.referenced_ids(facts.json_body))
 
     def _allow_model(self, team: TeamConfig, model: str | None) -> None:
         """The team's model allow-list, then (with `pricing.unknown_model: reject`) refusal
@@ -315,7 +320,7 @@ class Pipeline:
             return
         usage: Usage | None = answer.billed
         if usage is None:
-            usage = metering.usage_of_recording(answer.recorder, answer.is_sse)
+            usage = usage_of_recording(answer.recorder, answer.is_sse)
         if usage is None:
             usage = await _estimate(facts, answer, answer.recorder.total <= SMALL_BODY)
         apply_usage(call.record, usage)
@@ -387,9 +392,9 @@ class Pipeline:
             log.warning("model %r has no price in the price table: %s", shown, how)
 
 
-async def _estimate(facts: metering.RequestFacts, answer: Answer, small: bool) -> Usage:
+async def _estimate(facts: RequestFacts, answer: Answer, small: bool) -> Usage:
     assert answer.recorder is not None
     if small:
-        return metering.estimate_usage(facts, answer.recorder, answer.is_sse)
+        return estimate_usage(facts, answer.recorder, answer.is_sse)
     # Tokenizing up to a megabyte would stall the event loop: do it in a thread.
-    return await asyncio.to_thread(metering.estimate_usage, facts, answer.recorder, answer.is_sse)
+    return await asyncio.to_thread(estimate_usage, facts, answer.recorder, answer.is_sse)

@@ -13,8 +13,12 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.errors import REQUEST_TOO_LARGE, UNSUPPORTED_CONTENT_TYPE, GatewayError
-from gateway.metering import meter as metering
-from gateway.metering.meter import RequestFacts
+from gateway.metering.requests import (
+    RequestFacts,
+    inject_include_usage,
+    input_characters,
+    wants_usage_injection,
+)
 from gateway.pipeline.call import Call
 from gateway.pipeline.intake import (
     BodyWatch,
@@ -92,7 +96,7 @@ async def read_json(call: Call, api_path: str, max_body: int) -> Outgoing:
         facts.stream = facts.json_body.get("stream") is True
     record.model, record.stream = facts.model, int(facts.stream)
     if api_path == "/audio/speech":
-        record.input_characters = metering.input_characters(facts.json_body)
+        record.input_characters = input_characters(facts.json_body)
     return Outgoing(body, len(body), json=body)
 
 
@@ -101,10 +105,10 @@ def with_usage_requested(call: Call, outgoing: Outgoing) -> Outgoing:
     stripped from the answer again): streams are then metered from the upstream's count."""
     facts = call.facts
     assert facts is not None and isinstance(outgoing.body, bytes)
-    if not metering.wants_usage_injection(facts):
+    if not wants_usage_injection(facts):
         return outgoing
     assert facts.json_body is not None
-    body = metering.inject_include_usage(outgoing.body, facts.json_body)
+    body = inject_include_usage(outgoing.body, facts.json_body)
     facts.usage_injected = True
     return Outgoing(body, len(body), json=outgoing.json)
 

@@ -16,13 +16,15 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp import web
 
-from gateway.errors import UPSTREAM_AUTH_FAILED, UPSTREAM_UNAVAILABLE, GatewayError
+from gateway.errors import UPSTREAM_AUTH_FAILED, GatewayError
 from gateway.limits.budget import StreamBudget
-from gateway.metering.meter import BodyRecorder, Usage, UsageChunkStripper
+from gateway.metering.recorder import BodyRecorder
+from gateway.metering.sse import UsageChunkStripper
+from gateway.metering.usage import Usage
 from gateway.pipeline.call import Answer, Call
 from gateway.pipeline.walls import ClaimingStream, Walls, claims_objects
-from gateway.upstream.client import UpstreamError, UpstreamResponse
-from gateway.upstream.forward import SMALL_BODY, client_response_headers, relay
+from gateway.upstream.client import UpstreamResponse
+from gateway.upstream.forward import SMALL_BODY, client_response_headers, read_answer, relay
 
 log = logging.getLogger("gateway.handler")
 
@@ -74,13 +76,8 @@ class Relay:
 
     async def _read_whole(self, call: Call, answer: Answer, upstream: UpstreamResponse) -> None:
         assert answer.recorder is not None
-        try:
-            body = await upstream.read()
-        except (UpstreamError, TimeoutError, OSError) as exc:
-            # The upstream took the prompt: its tokens are estimated when the call is metered.
-            raise GatewayError(
-                UPSTREAM_UNAVAILABLE, "The upstream API broke off its answer."
-            ) from exc
+        # A break here: the upstream took the prompt, whose tokens are then estimated.
+        body = await read_answer(upstream)
         answer.recorder.feed(body)
         call.record.response_bytes = len(body)
         if call.objects is not None:

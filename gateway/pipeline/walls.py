@@ -1,6 +1,6 @@
 """The pipeline's walls between teams: which object route a call takes, 404 for another
 team's objects, the objects an answer creates claimed for the caller's team, and lists
-filtered to it. What an id or a body names is `gateway.pipeline.objects`'s business."""
+filtered to it. What an id or a body names is `gateway.pipeline.object_ids`' business."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from gateway.errors import OBJECT_NOT_FOUND, GatewayError
-from gateway.pipeline import objects
+from gateway.ledger.object_store import ObjectStore
+from gateway.pipeline import object_ids, object_lists
 from gateway.pipeline.call import Answer, Call
 from gateway.upstream.client import UpstreamResponse
 
@@ -29,7 +30,7 @@ _OBJECT_NAMES = (
 
 
 class Walls:
-    def __init__(self, store: objects.ObjectStore) -> None:
+    def __init__(self, store: ObjectStore) -> None:
         self.store = store
 
     async def check_owned(self, call: Call, ids: list[str] | tuple[str, ...]) -> None:
@@ -67,7 +68,7 @@ class Walls:
         except orjson.JSONDecodeError:
             return
         if isinstance(body, dict):
-            await self.claim(call, objects.created_ids(route.kind, call.facts.api_path, body))
+            await self.claim(call, object_ids.created_ids(route.kind, call.facts.api_path, body))
 
     async def after_stream(self, call: Call, answer: Answer, claims: bool, ok: bool) -> None:
         """A streamed answer has gone out: the object it deleted, the ones its end names."""
@@ -76,7 +77,7 @@ class Walls:
             assert route.object_id is not None
             await self.store.mark_deleted(route.object_id)
         if claims and answer.is_sse and answer.recorder is not None:
-            await self.claim(call, objects.created_ids_in_stream_tail(answer.recorder.tail()))
+            await self.claim(call, object_ids.created_ids_in_stream_tail(answer.recorder.tail()))
 
     async def filtered_list(
         self,
@@ -87,8 +88,8 @@ class Walls:
         """A list of a kind of objects, filtered to the caller's team (paging the upstream)."""
         assert call.caller is not None
         team = call.caller.team.name
-        default_limit, max_limit = objects.list_limits(kind)
-        return await objects.collect_list(
+        default_limit, max_limit = object_lists.list_limits(kind)
+        return await object_lists.collect_list(
             fetch_page,
             dict(call.request.query),
             lambda ids: self.store.visible_to(team, ids),
@@ -103,29 +104,29 @@ def _object_name(object_id: str) -> str:
 
 
 def may_name_objects(api_path: str, body: bytes) -> bool:
-    """Cheap look at the raw body before the walk of `objects.referenced_ids`; a chat body
+    """Cheap look at the raw body before the walk of `object_ids.referenced_ids`; a chat body
     names objects only as content parts' `file_id` (an escaped key goes to the walk too)."""
     if api_path == "/chat/completions":
         return b"file" in body or b"\\u" in body
-    return api_path not in _BODIES_NAMING_NO_OBJECT and objects.may_reference(body)
+    return api_path not in _BODIES_NAMING_NO_OBJECT and object_ids.may_reference(body)
 
 
-def object_route(method: str, api_path: str) -> objects.ObjectRoute | None:
+def object_route(method: str, api_path: str) -> object_ids.ObjectRoute | None:
     if method == "POST" and api_path in _POSTS_ON_NO_OBJECT:
         return None
-    route = objects.route(method, api_path)
+    route = object_ids.route(method, api_path)
     if route is not None and route.kind == "chat_completion" and route.action == "create":
         return None  # a create only when its body stores it: `created_by_body`
     return route
 
 
 def created_by_body(
-    route: objects.ObjectRoute | None, api_path: str, body: dict
-) -> objects.ObjectRoute | None:
+    route: object_ids.ObjectRoute | None, api_path: str, body: dict
+) -> object_ids.ObjectRoute | None:
     """A JSON create whose body says it stores nothing creates no object."""
     if api_path == "/chat/completions" and route is None:
-        if objects.creates_stored_chat_completion(body):
-            return objects.ObjectRoute("create", "chat_completion")
+        if object_ids.creates_stored_chat_completion(body):
+            return object_ids.ObjectRoute("create", "chat_completion")
         return None
     if api_path == "/responses" and route is not None and body.get("store") is False:
         return None
@@ -162,7 +163,7 @@ class ClaimingStream:
         chunk = await self._upstream.readany()
         if self._claim is not None:
             self._head += chunk
-            found = objects.created_ids_in_stream(self._head)
+            found = object_ids.created_ids_in_stream(self._head)
             if found or not chunk or len(self._head) > 65536 or b"\n\n" in self._head:
                 claim, self._claim = self._claim, None
                 if found:

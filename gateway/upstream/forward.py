@@ -188,6 +188,18 @@ class UpstreamClient:
             ) from exc
 
 
+# What reading an answer's body can raise once its head has arrived.
+READ_FAILURES = (UpstreamError, TimeoutError, OSError)
+
+
+async def read_answer(upstream: UpstreamResponse) -> bytes:
+    """An answer's whole body; a break while reading it is the SPEC's 502."""
+    try:
+        return await upstream.read()
+    except READ_FAILURES as exc:
+        raise GatewayError(UPSTREAM_UNAVAILABLE, "The upstream API broke off its answer.") from exc
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return "name resolution failed"
@@ -298,7 +310,7 @@ async def relay(
         while True:
             try:
                 chunk = await upstream.readany()
-            except (TimeoutError, UpstreamError, OSError):
+            except READ_FAILURES:
                 result.upstream_broke = True
                 chunk = b""
             if not chunk:

@@ -32,7 +32,7 @@ from gateway.config.loader import GatewayConfig
 from gateway.errors import ADMIN_UNAUTHORIZED, INVALID_REQUEST, GatewayError, error_body
 from gateway.ledger.readers import LedgerReader
 from gateway.limits.admission import Limiter
-from gateway.pricing.table import format_usd
+from gateway.pricing.arithmetic import format_usd
 
 log = logging.getLogger("gateway.web")
 

@@ -29,7 +29,7 @@ from gateway.access.keys import days_left, today_in
 from gateway.config.loader import GatewayConfig
 from gateway.ledger.writer import CallRecord, LedgerWriter
 from gateway.limits.admission import Limiter
-from gateway.pricing.table import base_model_name
+from gateway.pricing.names import base_model_name
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_KINDS = ("input", "cached_input", "output", "reasoning")

@@ -1,0 +1,298 @@
+"""The config schema, declared once: each section a frozen dataclass, each key a field with
+its default, its check and its one-line doc (`fields.setting` and friends). The reader checks
+a file against it, the defaults are the fields' own, and the README's config reference is
+tested against what `reference.py` derives from it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import yaml
+
+from gateway.config import checks as check
+from gateway.config.checks import EndpointRule
+from gateway.config.fields import custom, required, section, section_list, section_map, setting
+from gateway.config.prices import read_prices, read_team_prices
+from gateway.config.rules import keys_are_unique, plan_has_its_parameters, port_fits
+from gateway.pricing.book import BUILTIN, UNKNOWN_MODEL_POLICIES, PriceBook
+
+DEFAULT_MAX_REQUEST_BODY = 64 * 10**6
+
+_COUNT, _AT_LEAST_ONE = check.integer(0), check.integer(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """`teams.<team>.limits` and `teams.<team>.keys[].limits`: unset, no limit."""
+
+    requests_per_minute: int | None = setting(None, _COUNT, "token bucket, burst = the limit")
+    tokens_per_minute: int | None = setting(
+        None, _COUNT,
+        "token bucket; a call reserves its JSON body bytes / 4 + `max_tokens`, settled to the "
+        "real count after",
+    )  # fmt: skip
+    requests_per_hour: int | None = setting(None, _COUNT, "calendar-hour quota")
+    requests_per_day: int | None = setting(None, _COUNT, "calendar-day quota")
+    tokens_per_day: int | None = setting(None, _COUNT, "input + output tokens a day")
+    bytes_per_day: int | None = setting(None, check.size, "request + response body bytes a day")
+    spend_per_day_nanousd: int | None = setting(
+        None, check.usd, "spend cap a day", name="spend_per_day_usd"
+    )
+    spend_per_month_nanousd: int | None = setting(
+        None, check.usd, "spend cap a month", name="spend_per_month_usd"
+    )
+    max_concurrent: int | None = setting(None, _AT_LEAST_ONE, "calls at once")
+
+    def configured(self) -> dict[str, int]:
+        return {
+            name: value
+            for name in self.__slots__  # type: ignore[attr-defined]
+            if (value := getattr(self, name)) is not None
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """`teams.<team>.queue`: where calls over a limit wait, with `on_limit: queue`."""
+
+    max_wait_s: float = setting(30.0, check.number(positive=False), "longest wait in the queue")
+    max_depth: int = setting(100, _COUNT, "most calls waiting")
+
+
+@dataclass(frozen=True, slots=True)
+class Billing:
+    """`teams.<team>.billing`: how the team's invoice bills."""
+
+    plan: str = setting(
+        "usage", check.choice("usage", "per_request", "capped_per_request"),
+        "how the invoice bills",
+    )  # fmt: skip
+    # No default in the reference: the per-request plans need it (`plan_has_its_parameters`).
+    rate_nanousd: int = setting(
+        0, check.usd, "R, per call (per_request plans)", name="rate_usd", shown=None
+    )
+    max_requests_per_day: int | None = setting(
+        None, _AT_LEAST_ONE, "C: at most C·days calls billed a month"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    """`teams.<team>.keys[]`: one key of a team."""
+
+    id: str = required(check.string, "key id, in the ledger and reports")
+    team: str = field()  # the team whose `keys` list holds it
+    sha256: bytes = required(check.sha256_hex, "sha256 of the secret")
+    expires: date | None = setting(None, check.calendar_date, "last valid day")
+    limits: Limits = section(Limits, "the key's own limits (same names as the team's)")
+
+
+@dataclass(frozen=True, slots=True)
+class TeamUpstream:
+    """A team's own upstream credentials (`teams.<team>.upstream`)."""
+
+    api_key_env: str | None = setting(
+        None, check.string,
+        "env var holding this team's own upstream key",
+        shown="the global key",
+    )  # fmt: skip
+    organization: str | None = setting(
+        None, check.string, "sent upstream as `OpenAI-Organization` for this team's calls"
+    )
+    project: str | None = setting(
+        None, check.string,
+        "sent upstream as `OpenAI-Project` for this team's calls, so OpenAI's own project walls "
+        "hold",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TeamConfig:
+    """`teams.<team>`: one team, its allow-lists, limits, billing and keys."""
+
+    name: str  # its key under `teams`
+    models: frozenset[str] | None = setting(
+        None, check.string_set, "model allow-list; omitted = all"
+    )
+    endpoints: tuple[EndpointRule, ...] | None = setting(
+        None, check.endpoints,
+        "path-prefix allow-list: `/v1/...` allows every method, `\"GET /v1/models\"` only that "
+        "one; omitted = all (the upstream's `/v1/organization/*` is closed to team keys either "
+        "way)",
+    )  # fmt: skip
+    upstream: TeamUpstream = section(TeamUpstream)
+    on_limit: str = setting("reject", check.choice("reject", "queue"), "what happens over a limit")
+    queue: QueueConfig = section(QueueConfig)
+    limits: Limits = section(Limits)
+    billing: Billing = section(Billing, rules=(plan_has_its_parameters,))
+    keys: tuple[KeyConfig, ...] = section_list(KeyConfig, "the team's keys", owner="team")
+    pricing: PriceBook | None = custom(
+        read_team_prices, "the team's own prices (table shape) over the global ones",
+        kind="mapping",
+    )  # fmt: skip
+    pricing_overrides: Mapping[str, Any] | None = None  # as written, to apply over a new table
+    enforce: bool = setting(
+        True, check.boolean,
+        "`false` = shadow mode: nothing is refused; the ledger's `shadow_rejected_by` names the "
+        "limit that would have refused (`report --by team,shadow`)",
+    )  # fmt: skip
+    on_budget_exhausted_mid_stream: str = setting(
+        "finish", check.choice("finish", "cut"),
+        "`cut`: a stream that would cross the team's daily tokens or day/month spend is ended "
+        "there with an `insufficient_quota` SSE event and `[DONE]`, billed for what was "
+        "delivered; `finish`: it completes and later calls are refused",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """`listen`: where the gateway serves, and what it reads of a request."""
+
+    host: str = setting("127.0.0.1", check.string, "listen address")
+    port: int = setting(8787, _COUNT, "listen port")  # at most 65535: `port_fits`
+    max_request_body: int = setting(
+        DEFAULT_MAX_REQUEST_BODY, check.size,
+        "larger bodies get 413 unread; `500MB` = 10^6 units, `2GiB` = 2^30",
+    )  # fmt: skip
+    body_timeout_s: float = setting(
+        60.0, check.number(positive=True),
+        "a request body that stops arriving for this long gets 408 `request_timeout` (its slot "
+        "freed, its row recorded)",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """`upstream`: where calls go, and with which credentials."""
+
+    base_url: str = setting("https://api.openai.com/v1", check.url, "where calls go")
+    api_key_env: str = setting(
+        "OPENAI_API_KEY", check.string, "env var holding the real upstream key"
+    )
+    connect_timeout_s: float = setting(10.0, check.number(positive=True), "connect timeout")
+    timeout_s: float = setting(
+        600.0, check.number(positive=True), "longest wait for upstream bytes"
+    )
+    forward_headers: tuple[str, ...] = setting(
+        (), check.header_names,
+        "client headers forwarded beyond OpenAI's own (`Content-*`, `Accept*`, `User-Agent`, "
+        "`Idempotency-Key`, `OpenAI-Beta`, `X-Stainless-*`, `X-Client-Request-Id`); a name, or "
+        "a prefix ending in `*` (`x-fake-*`); credential headers are refused",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """`storage`: the ledger."""
+
+    sqlite_path: Path = setting(Path("data/ledger.sqlite3"), check.file_path, "the ledger")
+    flush_interval_ms: int = setting(100, _AT_LEAST_ONE, "ledger batch interval")
+    backend: str = setting(
+        "sqlite", check.choice("sqlite", "postgres"),
+        "where the ledger lives; `postgres` is shared by every replica",
+    )  # fmt: skip
+    dsn_env: str = setting(
+        "GATEWAY_PG_DSN", check.string,
+        "env var holding the Postgres DSN (`postgresql://user:pass@host:5432/db`)",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """`admin`: the admin endpoints' bearer key."""
+
+    key_env: str = setting("GATEWAY_ADMIN_KEY", check.string, "env var holding the admin key")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsBackendConfig:
+    """`limits`: where limit counters live."""
+
+    backend: str = setting(
+        "memory", check.choice("memory", "redis"),
+        "where limit counters live; `redis` shares them between replicas",
+    )  # fmt: skip
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0", check.redis_url,
+        "the Redis that holds them (`rediss://` for TLS, `redis://:password@host`)",
+    )  # fmt: skip
+    on_backend_error: str = setting(
+        "fail_closed", check.choice("fail_closed", "fail_open"),
+        "while Redis is unreachable: refuse calls with 503 `limits_unavailable`, or let them "
+        "through unlimited",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class PricingConfig:
+    """`pricing` written as a mapping: a table (default: the database) under overrides. Read
+    by `prices.read_prices`, which makes a `PriceBook` of it."""
+
+    unknown_model: str = setting(
+        "estimate", check.choice(*UNKNOWN_MODEL_POLICIES),
+        "a model without a price: priced as the nearest known model of its family, 0, or "
+        "refused (400 `model_not_priced`); the row is flagged `price_unknown`",
+    )  # fmt: skip
+    table: str = setting(
+        BUILTIN, check.string,
+        "the maintained price database, or a table file",
+        kind="`builtin` \\| path",
+    )  # fmt: skip
+    overrides: yaml.Node | None = setting(
+        None, check.as_written,
+        "a table (shape of `config/pricing.yaml`) over it: its model entries replace the "
+        "table's whole; its `transfer_per_mb` / `per_request` apply",
+        kind="path or mapping",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The whole config file."""
+
+    path: Path  # the file it was read from
+    listen: ListenConfig = section(ListenConfig, rules=(port_fits,), bare=True)
+    upstream: UpstreamConfig = section(UpstreamConfig, bare=True)
+    storage: StorageConfig = section(StorageConfig, bare=True)
+    admin: AdminConfig = section(AdminConfig, bare=True)
+    pricing: PriceBook = custom(
+        read_prices,
+        "how calls are priced (see [Prices](#prices)); a path or an inline table mapping: that "
+        "table alone",
+        kind="mapping, path or table", section=PricingConfig, shown="the price database",
+        bare=True,
+    )  # fmt: skip
+    limits_timezone: ZoneInfo = setting(
+        ZoneInfo("UTC"), check.timezone, "calendar windows and key expiry use this zone",
+        bare=True,
+    )  # fmt: skip
+    renew_warning_days: int = setting(
+        7, _COUNT, "warn this many days before a key expires", bare=True
+    )
+    limits_backend: LimitsBackendConfig = section(LimitsBackendConfig, name="limits", bare=True)
+    teams: Mapping[str, TeamConfig] = section_map(
+        TeamConfig, "one entry per team", key_field="name", placeholder="<team>",
+        rules=(keys_are_unique,),
+    )  # fmt: skip
+    shutdown_grace_s: float = setting(
+        30.0, check.number(positive=False), "how long SIGTERM waits for open calls and streams"
+    )
+    log_level: str = setting(
+        "info", check.choice("debug", "info", "warning", "error"), "JSON log level (stderr)"
+    )
+    log_calls: bool = setting(
+        True, check.boolean, "one JSON log line per call (never keys or text)"
+    )
+
+    def keys_by_hash(self) -> dict[bytes, KeyConfig]:
+        return {key.sha256: key for team in self.teams.values() for key in team.keys}
+
+    def team_prices(self, team: str | None) -> PriceBook:
+        """What a team's calls are priced with: the global book under the team's `pricing:`."""
+        team_config = self.teams.get(team) if team else None
+        return team_config.pricing if team_config and team_config.pricing else self.pricing
