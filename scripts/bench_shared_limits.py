@@ -6,7 +6,7 @@ machine only (127.0.0.1).
                                           [--out docs/benchmarks.md]
 
 One run, one fake upstream, one team with every limit kind configured and none reached
-(`bench.py`'s "limited" team), the same non-streamed chat call, against:
+(the harness's "limited" team, as in `bench.py`), the same non-streamed chat call, against:
 
 1. `direct`: the fake upstream itself;
 2. `memory`: the gateway with `limits: {backend: memory}` (SQLite ledger);
@@ -22,7 +22,7 @@ After each variant the gateway is stopped with SIGTERM and its ledger must hold 
 request sent, none of them refused (no 429/503), and Redis must have run two scripts
 (admission + settle) per call. Redis and PostgreSQL share CPU 1 with the fake upstream and
 the load generator; the gateway keeps CPU 0. Load runs, pinning, CPU accounting and the
-report tables come from `scripts/bench.py`.
+report tables come from the harness `scripts/bench.py` measures with (`scripts/harness/`).
 
 The Markdown goes into --out between `<!-- shared-limits:begin -->` / `<!-- shared-limits:end
 -->`; anything outside them is kept (the section is created before `## Notes` if missing).
@@ -36,39 +36,51 @@ import contextlib
 import datetime as dt
 import os
 import re
-import signal
-import sys
 import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO = SCRIPTS.parent
-for _path in (str(SCRIPTS), str(REPO)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-import bench  # noqa: E402
-import redis  # noqa: E402
-from bench import (  # noqa: E402
-    BenchError,
-    Budget,
+import redis
+from harness import REPO
+from harness.client import Target
+from harness.load import (
+    REPLY_WORDS,
+    WARMUP_S,
+    Load,
+    Retries,
     RunResult,
-    Stack,
-    Target,
     chat_request,
+    least_disturbed,
+    noise_pct,
+    prepare,
+)
+from harness.machine import NOISY_CPU_PCT, can_pin, pin
+from harness.report import (
+    between_markers,
+    command_block,
     fmt,
+    git_commit,
     md_table,
+    md_warnings,
     ms,
-    progress,
-    text_table,
+    print_table,
+    print_warnings,
+)
+from harness.runtime import BenchError, Budget, finish, progress, run_guarded, tail
+from harness.stack import (
+    GATEWAY_CPU,
+    LIMITED_SECRET,
+    LOADGEN_CPU,
+    UPSTREAM_CPU,
+    UPSTREAM_KEY,
+    Stack,
+    count_rows,
 )
 
-from tests.services import PostgresServer, RedisServer, Server  # noqa: E402
+from tests.services import PostgresServer, RedisServer
 
 BEGIN_MARK = "<!-- shared-limits:begin -->"
 END_MARK = "<!-- shared-limits:end -->"
@@ -82,7 +94,6 @@ INTRO = (
 
 CONCURRENCY = (1, 50)
 DURATION_S = 4.0
-WARMUP_C = 10
 PG_DSN_ENV = "BENCH_PG_DSN"
 MEMORY_LIMITS = "limits: {backend: memory}\n"
 METRICS_TIMEOUT_S = 5.0
@@ -147,42 +158,13 @@ class Report:
 # ---------------------------------------------------------------- processes
 
 
-def descendants(root: int) -> list[int]:
-    """A process and all its descendants (PostgreSQL's postmaster forks one per connection;
-    as root it runs under `runuser`)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        parent = int(text[text.rindex(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
-
-
 class SharedStack(Stack):
-    """bench.py's stack (fake upstream + gateway), plus Redis and PostgreSQL: their CPU is
-    accounted like the others' and they are pinned with the fake upstream. The gateway can be
-    restarted with another `limits:` / `storage:` configuration."""
+    """The harness's stack (fake upstream + gateway), with Redis and PostgreSQL as its services;
+    the gateway can be restarted with another `limits:` / `storage:` configuration."""
 
     def __init__(self, workdir: Path, pinning: bool) -> None:
         super().__init__(workdir, 1, pinning, MEMORY_LIMITS)
-        self.services: dict[str, Server] = {}
         self.base_config = ""
-
-    def service_pids(self, name: str) -> list[int]:
-        server = self.services.get(name)
-        if server is None or server.process.poll() is not None:
-            return []
-        return descendants(server.process.pid)
 
     def start(self) -> None:
         super().start()
@@ -201,29 +183,9 @@ class SharedStack(Stack):
             storage = f'storage: {{sqlite_path: "{self.ledger}", flush_interval_ms: 100}}'
         text, replaced = re.subn(r"(?m)^storage: .*$", storage, self.base_config)
         if replaced != 1 or MEMORY_LIMITS not in text:
-            raise BenchError("bench.py's gateway config no longer has the expected lines")
+            raise BenchError("the harness's gateway config no longer has the expected lines")
         self.config.write_text(text.replace(MEMORY_LIMITS, variant.limits))
-        self.gateway_exit = None
-        self.gateway, log = self._spawn(
-            ["-m", "gateway", "serve", "--config", str(self.config)], f"gateway-{variant.name}.log"
-        )
-        bench.wait_for_port(self.gateway_port, self.gateway, log)
-        self.repin()
-
-    def repin(self) -> None:
-        super().repin()
-        if self.pinning:
-            for name in self.services:
-                for pid in self.service_pids(name):
-                    bench.pin(pid, bench.UPSTREAM_CPU)
-
-    def cpu(self) -> dict[str, float]:
-        usage = super().cpu()
-        machine, steal = usage.pop("machine"), usage.pop("steal")
-        for name in self.services:
-            usage[name] = sum(bench.cpu_seconds(pid) for pid in self.service_pids(name))
-        usage["machine"], usage["steal"] = machine, steal
-        return usage
+        self.start_gateway(f"gateway-{variant.name}.log")
 
 
 def redis_evalsha(url: str) -> tuple[int, float]:
@@ -278,46 +240,21 @@ def measure(
 ) -> None:
     """One load run, redone (up to --retries) when other work disturbed it; the least
     disturbed try is kept."""
-    request = chat_request(target, False)
-    best: RunResult | None = None
-    for attempt in range(1 + report.args.retries):
-        stack.repin()
-        stack.check_alive()
-        tried: RunResult = budget.run(
-            runner,
-            lambda: bench.run_load(stack, target, request, "chat", c, report.args.duration, "raw"),
-            f"chat c={c} {target.name}",
-        )
-        progress(bench.describe(tried))
-        if best is None or bench.noise_pct(tried) < bench.noise_pct(best):
-            best = tried
-        if bench.noise_pct(tried) <= bench.NOISY_CPU_PCT or attempt == report.args.retries:
-            break
-        waited = bench.wait_until_quiet(min(10.0, max(budget.remaining() - 30, 0)))
-        progress(f"  disturbed ({bench.noise_pct(tried):.0f}% of a core); waited {waited:.0f} s")
-    assert best is not None
+    retries = Retries(
+        report.args.retries, 10.0, 30, "  disturbed ({pct:.0f}% of a core); waited {waited:.0f} s"
+    )
+    load = Load(target, chat_request(target, False), "chat", c, report.args.duration, "raw")
+    best = least_disturbed(stack, runner, budget, load, retries)
     report.runs.append(best)
     if best.errors:
         report.notes.append(f"{target.name} c={c}: {best.errors} errors ({best.first_error})")
     if best.timed_out:
         report.notes.append(f"{target.name} c={c}: in-flight requests timed out")
-    if bench.noise_pct(best) > bench.NOISY_CPU_PCT:
+    if noise_pct(best) > NOISY_CPU_PCT:
         report.notes.append(
-            f"{target.name} c={c}: {bench.noise_pct(best):.0f}% of a core went to other work "
+            f"{target.name} c={c}: {noise_pct(best):.0f}% of a core went to other work "
             "in the least disturbed try"
         )
-
-
-def prepare(stack: SharedStack, runner: asyncio.Runner, budget: Budget, target: Target) -> None:
-    budget.run(runner, lambda: bench.sanity_check(target, "raw"), f"check {target.name}")
-    budget.run(
-        runner,
-        lambda: bench.run_load(
-            stack, target, chat_request(target, False), "warmup", WARMUP_C, bench.WARMUP_S,
-            "raw", False,
-        ),
-        f"warm-up {target.name}",
-    )  # fmt: skip
 
 
 def run_variant(
@@ -342,13 +279,13 @@ def run_variant(
         if not variant.postgres:
             raise
         log = stack.workdir / f"gateway-{variant.name}.log"
-        result.skipped = f"`serve` did not start: {exc}; {bench.tail(log, 5)}"
+        result.skipped = f"`serve` did not start: {exc}; {tail(log, 5)}"
         report.notes.append(f"{variant.name}: {result.skipped}")
         progress(f"  skipped: {result.skipped}")
         return
-    target = Target(variant.name, f"http://127.0.0.1:{stack.gateway_port}/v1", bench.LIMITED_SECRET)
+    target = Target(variant.name, f"http://127.0.0.1:{stack.gateway_port}/v1", LIMITED_SECRET)
     calls_before, usec_before = redis_evalsha(redis_server.url)
-    prepare(stack, runner, budget, target)
+    prepare(stack, runner, budget, target, "raw")
     for c in CONCURRENCY:
         measure(report, stack, runner, budget, target, c)
     if variant.limits != MEMORY_LIMITS:
@@ -362,7 +299,7 @@ def run_variant(
         assert postgres is not None
         result.rows, result.rows_by = postgres_rows(postgres)
     else:
-        result.rows, result.rows_by = bench.count_rows(stack.ledger)
+        result.rows, result.rows_by = count_rows(stack.ledger)
     calls_after, usec_after = redis_evalsha(redis_server.url)
     result.evalsha_calls = calls_after - calls_before
     result.evalsha_usec = usec_after - usec_before
@@ -417,9 +354,9 @@ def execute(
         progress(f"starting fake upstream and gateway in {stack.workdir}")
         stack.start()
         if report.pinning:
-            bench.pin(os.getpid(), bench.LOADGEN_CPU)
-        direct = Target("direct", f"http://127.0.0.1:{stack.upstream_port}/v1", bench.UPSTREAM_KEY)
-        prepare(stack, runner, budget, direct)
+            pin(os.getpid(), LOADGEN_CPU)
+        direct = Target("direct", f"http://127.0.0.1:{stack.upstream_port}/v1", UPSTREAM_KEY)
+        prepare(stack, runner, budget, direct, "raw")
         progress("direct")
         for c in CONCURRENCY:
             measure(report, stack, runner, budget, direct, c)
@@ -547,8 +484,8 @@ def render(report: Report) -> str:
     detail_headers, detail_body = detail(report)
     when = report.started.strftime("%Y-%m-%d %H:%M UTC")
     pinning = (
-        f"gateway pinned to CPU {bench.GATEWAY_CPU}; fake upstream, load generator, Redis and "
-        f"PostgreSQL to CPU {bench.UPSTREAM_CPU}"
+        f"gateway pinned to CPU {GATEWAY_CPU}; fake upstream, load generator, Redis and "
+        f"PostgreSQL to CPU {UPSTREAM_CPU}"
         if report.pinning
         else "no CPU pinning"
     )
@@ -558,19 +495,15 @@ def render(report: Report) -> str:
     out = [
         BEGIN_MARK,
         f"Generated by `scripts/bench_shared_limits.py` on {when} in {report.elapsed_s:.0f} s, "
-        f"commit {bench.git_commit()}.",
+        f"commit {git_commit()}.",
         "",
-        "Command:",
-        "",
-        "```sh",
-        bench.command_line(),
-        "```",
+        *command_block(),
         "",
         f"- the `limited` team of `scripts/bench.py` (every limit kind on the team, a "
         f"requests-per-minute limit on its key, none reached), non-streamed chat, "
-        f"{bench.REPLY_WORDS}-word reply",
+        f"{REPLY_WORDS}-word reply",
         f"- {report.args.duration:g} s per closed-loop run after a sanity call and a "
-        f"{bench.WARMUP_S:g} s warm-up; the gateway is restarted for each variant with a fresh "
+        f"{WARMUP_S:g} s warm-up; the gateway is restarted for each variant with a fresh "
         "ledger, Redis is emptied",
         f"- raw load generator; {pinning}; {versions}",
         "- `memory` = `limits: {backend: memory}`, SQLite ledger; `redis` = `limits: {backend: "
@@ -589,19 +522,17 @@ def render(report: Report) -> str:
         "Every run (CPU% = CPU time in the run / wall time; 100 = one core):",
         "",
         md_table(detail_headers, detail_body, text_columns=1),
+        *md_warnings("Warnings:", report.notes),
+        END_MARK,
     ]
-    if report.notes:
-        out += ["", "Warnings:", "", *(f"- {note}" for note in report.notes)]
-    out.append(END_MARK)
     return "\n".join(out)
 
 
 def write_markdown(path: Path, section: str) -> None:
     text = path.read_text() if path.exists() else ""
-    if BEGIN_MARK in text and END_MARK in text:
-        head = text[: text.index(BEGIN_MARK)]
-        tail = text[text.index(END_MARK) + len(END_MARK) :]
-        text = head + section + tail
+    parts = between_markers(text, BEGIN_MARK, END_MARK)
+    if parts is not None:
+        text = parts[0] + section + parts[1]
     else:
         block = f"{HEADING}\n\n{INTRO}\n\n{section}\n\n"
         if "\n## Notes" in text:
@@ -613,14 +544,10 @@ def write_markdown(path: Path, section: str) -> None:
 
 
 def print_report(report: Report) -> None:
-    headers, body = table(report)
-    print()
-    print(text_table(headers, body))
-    print()
+    print_table(*table(report))
     for line in check_lines(report):
         print(line[2:])
-    for note in report.notes:
-        print(f"warning: {note}")
+    print_warnings(report.notes)
 
 
 # ---------------------------------------------------------------- main
@@ -651,41 +578,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.max_runtime)
-    report = Report(args, dt.datetime.now(dt.UTC), not args.no_pin and bench.can_pin())
+    report = Report(args, dt.datetime.now(dt.UTC), not args.no_pin and can_pin())
     if not report.pinning:
         report.notes.append("processes were not pinned to CPUs")
 
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        raise BenchError("hard runtime limit reached")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(int(args.max_runtime) + 60)
-    failed: BaseException | None = None
-    from gateway.loop import new_event_loop
-
     with tempfile.TemporaryDirectory(prefix="gateway-bench-shared-") as tmp:
         stack = SharedStack(Path(tmp), report.pinning)
-        try:
-            with asyncio.Runner(loop_factory=new_event_loop) as runner:
-                execute(report, stack, runner, budget, Path(tmp))
-        except (BenchError, OSError, KeyboardInterrupt) as exc:
-            failed = exc
-            for log in sorted(Path(tmp).rglob("*.log")):
-                if text := bench.tail(log):
-                    progress(f"--- {log.name} (last lines)\n{text}")
-        finally:
-            signal.alarm(0)
+        failed = run_guarded(
+            lambda runner: execute(report, stack, runner, budget, Path(tmp)),
+            Path(tmp),
+            args.max_runtime,
+            logs="**/*.log",
+        )
     report.elapsed_s = time.monotonic() - budget.started
-    if failed is not None:
-        print(f"bench_shared_limits: aborted: {failed!r}", file=sys.stderr)
-        if report.runs:
-            print_report(report)
-        return 1
-    print_report(report)
-    if not args.no_write:
-        write_markdown(args.out, render(report))
-        print(f"\nwrote {args.out}")
-    return 0
+    return finish("bench_shared_limits", failed, report, print_report, render, write_markdown)
 
 
 if __name__ == "__main__":
