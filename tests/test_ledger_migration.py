@@ -35,9 +35,10 @@ NEW_COLUMNS = (
     "cache_write_tokens", "audio_input_tokens", "audio_output_tokens", "image_input_tokens",
     "image_output_tokens", "rejected_prediction_tokens", "web_search_calls", "file_search_calls",
     "service_tier", "batch", "audio_seconds", "input_characters",
+    "upstream_ms",  # version 3
 )  # fmt: skip
 OLD_COLUMNS = COLUMNS[: -len(NEW_COLUMNS)]
-NEW_DEFAULTS = (0, 0, 0, 0, 0, 0, 0, 0, None, 0, 0.0, 0)
+NEW_DEFAULTS = (0, 0, 0, 0, 0, 0, 0, 0, None, 0, 0.0, 0, None)
 # A call written after the upgrade, every new field a value of its own.
 AFTER_UPGRADE = CallRecord(
     request_id="req_after_upgrade",
@@ -68,6 +69,7 @@ AFTER_UPGRADE = CallRecord(
     batch=1,
     audio_seconds=42.75,
     input_characters=4321,
+    upstream_ms=7.5,
 )
 # `requests` as commit 0c35914 created it on PostgreSQL (`gateway.ledger.postgres.SCHEMA_SQL`).
 POSTGRES_V1_DDL = [
@@ -174,7 +176,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def too_new_message(where: str) -> str:
     return (
-        f"the ledger at {where} has schema version 3; this metering-gateway knows up to 2:"
+        f"the ledger at {where} has schema version 4; this metering-gateway knows up to 3:"
         " upgrade metering-gateway"
     )
 
@@ -182,18 +184,18 @@ def too_new_message(where: str) -> str:
 # ---------------------------------------------------------------- SQLite
 
 
-def test_the_schema_version_this_code_writes_is_2():
-    assert SCHEMA_VERSION == 2
+def test_the_schema_version_this_code_writes_is_3():
+    assert SCHEMA_VERSION == 3
     assert COLUMNS[-len(NEW_COLUMNS) :] == NEW_COLUMNS
     assert dataclasses.astuple(CallRecord("r", 0.0))[-len(NEW_COLUMNS) :] == NEW_DEFAULTS
 
 
-def test_a_new_sqlite_ledger_is_created_at_version_2_with_every_column(tmp_path: Path):
+def test_a_new_sqlite_ledger_is_created_at_version_3_with_every_column(tmp_path: Path):
     path = tmp_path / "data" / "ledger.sqlite3"
 
     prepare_database(path)
 
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(2,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
     assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
     assert sqlite_read(path, "SELECT COUNT(*) FROM requests") == [(0,)]
 
@@ -219,7 +221,7 @@ async def test_the_0c35914_ledger_is_upgraded_in_place_with_every_value_kept(tmp
     assert sqlite_read(path, "SELECT typeof(audio_seconds), typeof(service_tier) FROM requests")[
         0
     ] == ("real", "null")
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(2,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
     assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
     assert sqlite_columns(path)[-len(NEW_COLUMNS) :] == [
         ("cache_write_tokens", "INTEGER", "0"),
@@ -234,6 +236,7 @@ async def test_the_0c35914_ledger_is_upgraded_in_place_with_every_value_kept(tmp
         ("batch", "INTEGER", "0"),
         ("audio_seconds", "REAL", "0.0"),
         ("input_characters", "INTEGER", "0"),
+        ("upstream_ms", "REAL", None),
     ]
     tables = {name for (name,) in sqlite_read(path, "SELECT name FROM sqlite_master")}
     assert {"requests", "objects", "gateway_schema", "objects_team_kind"} <= tables
@@ -254,7 +257,7 @@ async def test_a_second_open_of_an_upgraded_ledger_changes_nothing(tmp_path: Pat
 
     assert sqlite_read(path, "PRAGMA schema_version") == cookie
     assert sqlite_read(path, "SELECT rowid, version FROM gateway_schema") == version_row
-    assert version_row == [(1, 2)]
+    assert version_row == [(1, 3)]
     assert sqlite_read(path, "SELECT * FROM requests ORDER BY request_id") == rows
 
 
@@ -283,6 +286,7 @@ async def test_rows_written_after_the_sqlite_upgrade_carry_every_new_field(tmp_p
         "batch": 1,
         "audio_seconds": 42.75,
         "input_characters": 4321,
+        "upstream_ms": 7.5,
     }
     assert sqlite_old_rows(path) == sorted([*fixture_rows(), _old_part(AFTER_UPGRADE)])
 
@@ -298,12 +302,37 @@ def test_a_ledger_claiming_version_2_without_the_new_columns_is_repaired(tmp_pat
     assert sqlite_read(path, f"SELECT DISTINCT {', '.join(NEW_COLUMNS)} FROM requests") == [
         NEW_DEFAULTS
     ]
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(2,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
+
+
+async def test_a_version_2_ledger_gains_upstream_ms_with_every_row_kept(tmp_path: Path):
+    # A ledger as version 2 wrote it: every column but upstream_ms, version 2 recorded.
+    path = old_ledger(tmp_path)
+    prepare_database(path)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("ALTER TABLE requests DROP COLUMN upstream_ms")
+    set_sqlite_version(path, 2)
+    rows = sqlite_read(path, "SELECT * FROM requests ORDER BY request_id")
+    assert len(rows) == 10
+
+    ledger = Ledger(path, flush_interval_ms=20)
+    await ledger.open()
+    ledger.append(AFTER_UPGRADE)
+    await ledger.close()
+
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
+    assert sqlite_columns(path)[-1] == ("upstream_ms", "REAL", None)
+    after = sqlite_read(path, "SELECT * FROM requests ORDER BY request_id")
+    assert [row[:-1] for row in after if row[0] != AFTER_UPGRADE.request_id] == rows
+    assert sqlite_read(path, "SELECT COUNT(*) FROM requests WHERE upstream_ms IS NULL") == [(10,)]
+    assert sqlite_read(
+        path, "SELECT upstream_ms FROM requests WHERE request_id = ?", (AFTER_UPGRADE.request_id,)
+    ) == [(7.5,)]
 
 
 def test_a_newer_sqlite_ledger_is_refused_and_left_untouched(tmp_path: Path):
     path = old_ledger(tmp_path)
-    set_sqlite_version(path, 3)
+    set_sqlite_version(path, 4)
     schema = sqlite_read(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
 
     with pytest.raises(LedgerTooNew) as refused:
@@ -313,12 +342,12 @@ def test_a_newer_sqlite_ledger_is_refused_and_left_untouched(tmp_path: Path):
     assert str(refused.value) == too_new_message(str(path))
     assert sqlite_read(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == schema
     assert sqlite_old_rows(path) == fixture_rows()
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(4,)]
 
 
 def test_serve_and_report_on_a_newer_sqlite_ledger_exit_1_with_the_message(tmp_path: Path):
     path = old_ledger(tmp_path)
-    set_sqlite_version(path, 3)
+    set_sqlite_version(path, 4)
     config = str(write_config(tmp_path, path))
 
     serve = run_cli("serve", "--config", config)
@@ -343,7 +372,7 @@ def test_report_on_an_old_ledger_upgrades_it_first_and_counts_every_row(tmp_path
     assert [(row["calls"], row["cost_nanousd"]) for row in legacy] == [
         (9, 6 * 8100 + 132_500 + 40 + 7500)
     ]
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(2,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
     assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
     assert sqlite_old_rows(path) == fixture_rows()
 
@@ -376,7 +405,7 @@ def test_several_processes_opening_one_old_ledger_at_once_upgrade_it_once(tmp_pa
 
     assert errors == []
     assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(2,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
     assert sqlite_old_rows(path) == fixture_rows()
 
 
@@ -394,7 +423,7 @@ def test_a_failed_upgrade_changes_nothing_and_says_why(tmp_path: Path):
         prepare_database(path)
 
     assert str(failed.value) == (
-        f"the ledger at {path} (schema version 1) could not be brought to version 2:"
+        f"the ledger at {path} (schema version 1) could not be brought to version 3:"
         " Cannot add a PRIMARY KEY column"
     )
     assert sqlite_read(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == schema
@@ -413,14 +442,14 @@ def test_a_serve_process_upgrades_the_old_ledger_and_appends_after_it(tmp_path: 
 
     assert reply.choices
     assert stack.gateway.returncode == 0
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(2,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
     assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
     rows = sqlite_old_rows(path)
     assert len(rows) == 11
     assert [row for row in rows if row[0].startswith("req_c863702a832d1936")] == fixture_rows()
     (new,) = [row for row in rows if not row[0].startswith("req_c863702a832d1936")]
     assert (new[3], new[9]) == ("research", 200)  # team, status
-    assert "schema version 1 upgraded to 2" in stack.log_text()
+    assert "schema version 1 upgraded to 3" in stack.log_text()
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -474,7 +503,7 @@ async def test_a_new_postgres_ledger_is_created_at_version_2_with_every_column(p
     await ledger.open()
     await ledger.close()
 
-    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(2,)]
+    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(3,)]
     assert [row[0] for row in await pg_fetch(pg_dsn, _PG_COLUMNS)] == list(COLUMNS)
     assert await pg_fetch(pg_dsn, "SELECT COUNT(*) FROM requests") == [(0,)]
 
@@ -497,7 +526,7 @@ async def test_a_version_1_postgres_ledger_is_upgraded_in_place_with_every_value
         pg_dsn, f"SELECT {', '.join(NEW_COLUMNS)} FROM requests ORDER BY request_id"
     )
     assert new_values == [NEW_DEFAULTS] * 10
-    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(2,)]
+    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(3,)]
     columns = await pg_fetch(pg_dsn, _PG_COLUMNS)
     assert [name for name, _, _ in columns] == list(COLUMNS)
     assert columns[-len(NEW_COLUMNS) :] == [
@@ -513,6 +542,7 @@ async def test_a_version_1_postgres_ledger_is_upgraded_in_place_with_every_value
         ("batch", "bigint", "0"),
         ("audio_seconds", "double precision", "0.0"),
         ("input_characters", "bigint", "0"),
+        ("upstream_ms", "double precision", None),
     ]
 
     # A second open: nothing to do; the version row is the one the upgrade wrote.
@@ -554,11 +584,11 @@ async def test_a_postgres_ledger_claiming_version_2_without_the_new_columns_is_r
     assert await pg_fetch(pg_dsn, f"SELECT DISTINCT {', '.join(NEW_COLUMNS)} FROM requests") == [
         NEW_DEFAULTS
     ]
-    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(2,)]
+    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(3,)]
 
 
 async def test_a_newer_postgres_ledger_is_refused_and_left_untouched(pg_dsn: str):
-    await make_postgres_v1(pg_dsn, version=3)
+    await make_postgres_v1(pg_dsn, version=4)
     columns = await pg_fetch(pg_dsn, _PG_COLUMNS)
 
     ledger = PostgresLedger(pg_dsn, flush_interval_ms=20)
@@ -569,13 +599,13 @@ async def test_a_newer_postgres_ledger_is_refused_and_left_untouched(pg_dsn: str
     assert await pg_fetch(pg_dsn, _PG_COLUMNS) == columns
     assert await pg_fetch(pg_dsn, "SELECT to_regclass('objects')::text") == [(None,)]
     assert await pg_old_rows(pg_dsn) == fixture_rows()
-    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(3,)]
+    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(4,)]
 
 
 async def test_serve_and_report_on_a_newer_postgres_ledger_exit_1_with_the_message(
     pg_dsn: str, tmp_path: Path
 ):
-    await make_postgres_v1(pg_dsn, version=3)
+    await make_postgres_v1(pg_dsn, version=4)
     config = str(write_config(tmp_path, tmp_path / "unused.sqlite3", backend="postgres"))
 
     # $TEST_MIGRATION_PG_DSN is set (the pg_dsn fixture): the processes inherit it.
@@ -600,7 +630,7 @@ async def test_a_postgres_read_command_upgrades_an_old_ledger_first(pg_dsn: str)
         )
 
     assert rows == [(10, 6 * 8100 + 132_500 + 40 + 7500, 0, 0)]
-    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(2,)]
+    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(3,)]
     assert await pg_old_rows(pg_dsn) == fixture_rows()
 
 

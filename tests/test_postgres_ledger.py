@@ -55,7 +55,7 @@ TEAMS = f"""
 # What differs between two runs of the same calls: ids, clocks, the upstream's own id.
 RUN_SPECIFIC = {
     "request_id", "started_at", "finished_at", "latency_ms", "ttfb_ms", "queued_ms",
-    "upstream_request_id",
+    "upstream_request_id", "upstream_ms",
 }  # fmt: skip
 
 

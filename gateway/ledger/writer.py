@@ -69,6 +69,9 @@ class CallRecord:
     batch: int = 0  # 1 for Batch API usage
     audio_seconds: float = 0.0  # duration-priced transcription
     input_characters: int = 0  # character-priced speech
+    # Version 3 (SPEC "Performance"): the time waiting on the upstream, request sent to last
+    # byte (summed over the exchanges of a call that had several); None: never forwarded.
+    upstream_ms: float | None = None
 
 
 _COLUMN_TYPES = {
@@ -113,6 +116,8 @@ _COLUMN_TYPES = {
     "batch": "INTEGER DEFAULT 0",
     "audio_seconds": "REAL DEFAULT 0.0",
     "input_characters": "INTEGER DEFAULT 0",
+    # Version 3.
+    "upstream_ms": "REAL",
 }
 COLUMNS = tuple(f.name for f in fields(CallRecord))
 assert tuple(_COLUMN_TYPES) == COLUMNS, "CallRecord and the schema must list the same columns"
@@ -143,9 +148,10 @@ OBJECT_COLUMN_TYPES = {
 OBJECT_INDEXES = ["CREATE INDEX IF NOT EXISTS objects_team_kind ON objects (team, kind)"]
 # The ledger's schema version, one row of `gateway_schema`. Version 1 is the ledger of the
 # releases that recorded none (no `gateway_schema` table); version 2 added the columns from
-# `cache_write_tokens` on. An older ledger is upgraded in place at start by adding the columns
-# it lacks; a newer one is refused (this code would not write what its readers expect).
-SCHEMA_VERSION = 2
+# `cache_write_tokens` on, version 3 `upstream_ms`. An older ledger is upgraded in place at
+# start by adding the columns it lacks; a newer one is refused (this code would not write what
+# its readers expect).
+SCHEMA_VERSION = 3
 VERSION_COLUMN_TYPES = {"version": "INTEGER NOT NULL"}
 SCHEMA = [
     create_table("requests", _COLUMN_TYPES),

@@ -38,7 +38,7 @@ class Forwarder:
         if upstream.status == 429 and self._may_retry(call, outgoing):
             wait = _retry_after_s(upstream.headers)
             await upstream.read()
-            upstream.release()
+            self.finished(call, upstream)
             await asyncio.sleep(wait)
             upstream = await self._send_paced(call, headers, outgoing.body)
         return upstream
@@ -60,10 +60,17 @@ class Forwarder:
                 call.record.upstream_request_id = upstream.headers.get("x-request-id")
                 body = await read_answer(upstream)
             finally:
-                upstream.release()
+                self.finished(call, upstream)
             return upstream.status, body
 
         return fetch_page
+
+    @staticmethod
+    def finished(call: Call, upstream: UpstreamResponse) -> None:
+        """Count the exchange's time waiting on the upstream, and give its connection back."""
+        record = call.record
+        record.upstream_ms = (record.upstream_ms or 0.0) + upstream.waited_s * 1000
+        upstream.release()
 
     async def _send_paced(
         self,

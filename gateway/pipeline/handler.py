@@ -150,7 +150,7 @@ class Pipeline:
         try:
             await self.relay.answer(call, upstream)
         finally:
-            upstream.release()
+            self.forwarder.finished(call, upstream)
 
     # ------------------------------------------------------------ stages
 

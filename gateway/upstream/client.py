@@ -201,7 +201,11 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """An answer whose body is read as it arrives; `release()` returns the connection."""
 
-    def __init__(self, pool: ConnectionPool, connection: _Connection, read_timeout: float):
+    def __init__(
+        self, pool: ConnectionPool, connection: _Connection, read_timeout: float, sent_at: float
+    ) -> None:
+        self.sent_at = sent_at  # perf_counter when the request began to go up
+        self.ended_at: float | None = None  # ... and when its answer's body had all come
         self._pool = pool
         self._connection = connection
         self._read_timeout = read_timeout
@@ -229,7 +233,16 @@ class UpstreamResponse:
         return int(value) if value is not None and value.isdigit() else None
 
     async def readany(self) -> bytes:
-        return await self._connection.next_chunk(self._read_timeout)
+        chunk = await self._connection.next_chunk(self._read_timeout)
+        if not chunk:
+            self.ended_at = time.perf_counter()
+        return chunk
+
+    @property
+    def waited_s(self) -> float:
+        """The time spent on this exchange with the upstream, request to last byte (to now,
+        for a body not read to its end)."""
+        return (self.ended_at or time.perf_counter()) - self.sent_at
 
     async def read(self) -> bytes:
         parts = []
@@ -304,6 +317,7 @@ class ConnectionPool:
     ) -> UpstreamResponse:
         """Send one request; a pooled connection the upstream had already closed is replaced
         once, only when no byte of an answer came back."""
+        sent_at = time.perf_counter()
         connection = self._reuse()
         reused = connection is not None
         for attempt in range(2):
@@ -322,7 +336,7 @@ class ConnectionPool:
             except BaseException:
                 connection.close()
                 raise
-            return UpstreamResponse(self, connection, self.read_timeout)
+            return UpstreamResponse(self, connection, self.read_timeout, sent_at)
         raise AssertionError("unreachable")
 
     async def _headers(self, connection: _Connection) -> None:

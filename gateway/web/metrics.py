@@ -41,18 +41,24 @@ LABEL_CACHE_SIZE = 4096
 _DATE_SUFFIX_LEN = len("-2024-07-18")
 
 
+# The gateway's own time per call: from a tenth of a millisecond.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 1)  # fmt: skip
+
+
 class Histogram:
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.total += seconds
 
     def family_buckets(self) -> list[tuple[str, float]]:
         running, buckets = 0, []
-        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += count
             buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
         return buckets
@@ -132,6 +138,7 @@ class CallStats:
         self.unpriced: dict[tuple, int] = defaultdict(int)  # calls with price_unknown = 1
         self.latency: dict[str, Histogram] = defaultdict(Histogram)
         self.ttfb: dict[str, Histogram] = defaultdict(Histogram)
+        self.overhead: dict[str, Histogram] = defaultdict(lambda: Histogram(OVERHEAD_BUCKETS))
 
     def observe(self, record: CallRecord) -> None:
         team, model = record.team or "", self.model_label(record.model)
@@ -154,6 +161,9 @@ class CallStats:
             self.latency[team].observe(record.latency_ms / 1000)
             if record.ttfb_ms is not None:
                 self.ttfb[team].observe(record.ttfb_ms / 1000)
+            if record.upstream_ms is not None:
+                overhead = max(record.latency_ms - record.upstream_ms, 0.0) / 1000
+                self.overhead[team].observe(overhead)
 
 
 class GatewayCollector(Collector):
@@ -213,6 +223,8 @@ class GatewayCollector(Collector):
             ("gateway_request_duration_seconds", "Call latency, first byte in to last out",
              self.stats.latency),
             ("gateway_ttfb_seconds", "Time to the first response byte", self.stats.ttfb),
+            ("gateway_overhead_seconds", "A call's time minus its time waiting on the upstream",
+             self.stats.overhead),
         ):  # fmt: skip
             family = HistogramMetricFamily(name, help_text, labels=["team"])
             for team, histogram in source.items():
