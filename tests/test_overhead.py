@@ -7,6 +7,7 @@ from __future__ import annotations
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Gateway
@@ -55,3 +56,26 @@ async def test_upstream_time_and_the_gateways_own_time_per_call(make_gateway):
     expected = sum((r["latency_ms"] - r["upstream_ms"]) / 1000 for r in calls)
     assert observed["sum"] == pytest.approx(expected, abs=1e-9)
     assert observed["sum"] < 0.15  # the gateway's own part is well under the upstream's wait
+
+
+async def test_a_client_gone_before_a_streams_head_is_a_disconnect_not_a_fault(
+    make_gateway, monkeypatch: pytest.MonkeyPatch
+):
+    # What wrk's stop does to streams in flight: the transport is closing when the gateway
+    # writes the answer's head.
+    prepare = web.StreamResponse.prepare
+
+    gateway = await make_gateway()
+
+    async def closing(self, request):  # type: ignore[no-untyped-def]
+        if type(self) is web.StreamResponse and request.app is gateway.app:  # not the fake's
+            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+        return await prepare(self, request)
+
+    monkeypatch.setattr(web.StreamResponse, "prepare", closing)
+    with pytest.raises(openai.APIConnectionError):
+        await gateway.client().chat.completions.create(**CHAT, stream=True)
+    monkeypatch.setattr(web.StreamResponse, "prepare", prepare)
+    [row] = await gateway.rows()
+    assert (row["status"], row["outcome"], row["error_code"]) == (200, "client_disconnect", None)
+    assert (row["response_bytes"], row["ttfb_ms"]) == (0, None)

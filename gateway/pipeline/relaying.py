@@ -109,8 +109,14 @@ class Relay:
         if budgeted is not None:
             transform, flush = _through_budget(budgeted[0], stripper)
         response = answer.response
-        await response.prepare(call.request)
         result = answer.relayed
+        try:
+            await response.prepare(call.request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            # Gone before the head could go out: a client that left, not a gateway fault.
+            result.client_gone = True
+            upstream.close()
+            return
         await relay(
             source,
             response,
