@@ -76,6 +76,7 @@ from harness.stack import (
     UPSTREAM_KEY,
     Stack,
     count_rows,
+    gateway_config,
 )
 from harness.wrk import lua_script, run_wrk, wrk_version
 
@@ -181,25 +182,9 @@ class CannedStack(Stack):
 
     def start(self) -> None:
         self.config.write_text(
-            f"listen: {{host: 127.0.0.1, port: {self.gateway_port}}}\n"
-            f'upstream: {{base_url: "http://127.0.0.1:{self.upstream_port}/v1", '
-            f'api_key_env: BENCH_UPSTREAM_KEY, forward_headers: ["{ANSWER_HEADER}"]}}\n'
-            f"storage: {{sqlite_path: {json.dumps(str(self.ledger))}, flush_interval_ms: 100}}\n"
-            f"{self.pricing}\n"
-            "teams:\n"
-            "  bench:\n"
-            "    keys:\n"
-            "      - id: bench-key\n"
-            f"        sha256: {hashlib.sha256(GATEWAY_SECRET.encode()).hexdigest()}\n"
-            "  limited:\n"
-            "    limits: {requests_per_minute: 100000000, tokens_per_minute: 10000000000,\n"
-            "             requests_per_day: 1000000000, tokens_per_day: 100000000000,\n"
-            "             bytes_per_day: 1000GB, spend_per_day_usd: 1000000,\n"
-            "             max_concurrent: 100000}\n"
-            "    keys:\n"
-            "      - id: limited-key\n"
-            f"        sha256: {hashlib.sha256(LIMITED_SECRET.encode()).hexdigest()}\n"
-            "        limits: {requests_per_minute: 100000000}\n"
+            gateway_config(
+                self.gateway_port, self.upstream_port, self.ledger, self.pricing, ANSWER_HEADER
+            )
         )
         self.start_gateway("gateway.log")
 

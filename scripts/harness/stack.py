@@ -127,25 +127,10 @@ class Stack:
                 if process.poll() is not None:
                     raise BenchError(f"fake upstream exited: {tail(log)}")
         self.config.write_text(
-            f"listen: {{host: 127.0.0.1, port: {self.gateway_port}}}\n"
-            f'upstream: {{base_url: "http://127.0.0.1:{self.upstream_port}/v1", '
-            'api_key_env: BENCH_UPSTREAM_KEY, forward_headers: ["x-fake-*"]}\n'
-            f"storage: {{sqlite_path: {json.dumps(str(self.ledger))}, flush_interval_ms: 100}}\n"
-            f"{self.pricing}\n"
-            "teams:\n"
-            "  bench:\n"
-            "    keys:\n"
-            "      - id: bench-key\n"
-            f"        sha256: {hashlib.sha256(GATEWAY_SECRET.encode()).hexdigest()}\n"
-            "  limited:\n"
-            "    limits: {requests_per_minute: 100000000, tokens_per_minute: 10000000000,\n"
-            "             requests_per_day: 1000000000, tokens_per_day: 100000000000,\n"
-            "             bytes_per_day: 1000GB, spend_per_day_usd: 1000000,\n"
-            "             max_concurrent: 100000}\n"
-            "    keys:\n"
-            "      - id: limited-key\n"
-            f"        sha256: {hashlib.sha256(LIMITED_SECRET.encode()).hexdigest()}\n"
-            "        limits: {requests_per_minute: 100000000}\n" + self.extra_config
+            gateway_config(
+                self.gateway_port, self.upstream_port, self.ledger, self.pricing, "x-fake-*"
+            )
+            + self.extra_config
         )
         self.start_gateway("gateway.log")
 
@@ -218,3 +203,31 @@ def count_rows(path: Path) -> tuple[int, dict[str, int]]:
             db.execute("SELECT outcome || ' ' || status, COUNT(*) FROM requests GROUP BY 1")
         )
     return int(total), {str(k): int(v) for k, v in by_outcome.items()}
+
+
+def gateway_config(
+    gateway_port: int, upstream_port: int, ledger: Path, pricing: str, forward_header: str
+) -> str:
+    """The benchmarks' gateway config: an unlimited team and one with every limit kind set
+    too high to refuse (the `limited` team), both with one key."""
+    return (
+        f"listen: {{host: 127.0.0.1, port: {gateway_port}}}\n"
+        f'upstream: {{base_url: "http://127.0.0.1:{upstream_port}/v1", '
+        f'api_key_env: BENCH_UPSTREAM_KEY, forward_headers: ["{forward_header}"]}}\n'
+        f"storage: {{sqlite_path: {json.dumps(str(ledger))}, flush_interval_ms: 100}}\n"
+        f"{pricing}\n"
+        "teams:\n"
+        "  bench:\n"
+        "    keys:\n"
+        "      - id: bench-key\n"
+        f"        sha256: {hashlib.sha256(GATEWAY_SECRET.encode()).hexdigest()}\n"
+        "  limited:\n"
+        "    limits: {requests_per_minute: 100000000, tokens_per_minute: 10000000000,\n"
+        "             requests_per_day: 1000000000, tokens_per_day: 100000000000,\n"
+        "             bytes_per_day: 1000GB, spend_per_day_usd: 1000000,\n"
+        "             max_concurrent: 100000}\n"
+        "    keys:\n"
+        "      - id: limited-key\n"
+        f"        sha256: {hashlib.sha256(LIMITED_SECRET.encode()).hexdigest()}\n"
+        "        limits: {requests_per_minute: 100000000}\n"
+    )
