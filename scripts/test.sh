@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine, in one command: `bash scripts/test.sh [PYTEST ARGS]`.
+# What the test suite needs on a fresh machine; the README's test command is
+# `bash scripts/test.sh && python -m pytest -q`.
 #
 # 1. The real servers the tests start on 127.0.0.1, from Debian's packages, where missing:
 #    Chromium and its ChromeDriver (the portal's browser tests), Redis and PostgreSQL (the
 #    scale-out tests). apt-get runs as root, or through sudo; without either the script says
 #    what to install and stops.
 # 2. The project and its test extras into the current Python environment (a venv, say).
-# 3. ruff, then pytest (`-q` and any arguments given).
+# 3. ruff.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,4 +34,3 @@ fi
 
 python -m pip install --quiet '.[test]'
 ruff check .
-exec python -m pytest -q "$@"
