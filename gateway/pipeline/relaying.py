@@ -110,13 +110,6 @@ class Relay:
             transform, flush = _through_budget(budgeted[0], stripper)
         response = answer.response
         result = answer.relayed
-        try:
-            await response.prepare(call.request)
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
-            # Gone before the head could go out: a client that left, not a gateway fault.
-            result.client_gone = True
-            upstream.close()
-            return
         await relay(
             source,
             response,

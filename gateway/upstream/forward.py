@@ -302,11 +302,13 @@ async def relay(
     flush_transform: Callable[[], bytes] | None,
     observe: Callable[[bytes], None] | None,
 ) -> None:
-    """Copy the upstream body to the client as it arrives, chunk by chunk.
+    """Send the answer's head, then copy the upstream body to the client as it arrives, chunk
+    by chunk. A client gone before or during it is `client_gone`.
 
     Progress is kept in `result` as it happens, so a cancelled relay still tells what moved.
     """
     try:
+        await client.prepare(request)
         while True:
             try:
                 chunk = await upstream.readany()
