@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(serve)
     serve.add_argument("--host", help="listen address (default: listen.host)")
     serve.add_argument("--port", type=int, help="listen port (default: listen.port)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (SO_REUSEPORT); limits then need limits.backend: redis",
+    )
+    serve.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(run=cmd_serve)
 
     check = commands.add_parser("check-config", help="validate a config file")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import re
 import sys
 import time
@@ -26,6 +27,8 @@ CALL_FIELDS = (
     "tokens_estimated", "cost_nanousd", "latency_ms", "ttfb_ms", "queued_ms", "error_code",
 )  # fmt: skip
 
+
+_call_values = operator.attrgetter(*CALL_FIELDS)
 
 REDACTED = "[redacted]"
 # A name starts after a non-word character or after a repr's escape (`...\r\nAuthorization`).
@@ -143,19 +146,23 @@ class CallLog:
         self._stream = stream
         self._lines: list[bytes] = []
         self.enabled = logging.getLogger("gateway.calls").isEnabledFor(logging.INFO)
+        self._second = -1
+        self._second_text = ""
 
     def add(self, record: object) -> None:
         now = time.time()
+        second = int(now)
+        if second != self._second:  # the date and time are formatted once a second
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         line = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-            + f".{int(now * 1000) % 1000:03d}Z",
+            "ts": f"{self._second_text}.{int(now * 1000) % 1000:03d}Z",
             "level": "info",
             "logger": "gateway.calls",
             "msg": "call",
         }
-        for name in CALL_FIELDS:
-            line[name] = getattr(record, name)
-        self._lines.append(orjson.dumps(line) + b"\n")
+        line.update(zip(CALL_FIELDS, _call_values(record), strict=True))
+        self._lines.append(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
 
     async def flush(self) -> None:
         if not self._lines:

@@ -13,35 +13,17 @@ import os
 import signal
 from pathlib import Path
 
-from aiohttp import web
-
 from gateway.app import HANDLER, LEDGER, READY, RUNTIME, build_app
 from gateway.config.loader import ConfigError, GatewayConfig, load_config
-from gateway.logs import install_bad_request_filter
+from gateway.front.server import GatewayServer
 
 log = logging.getLogger("gateway.server")
 WATCH_INTERVAL_S = 2.0
 UNREADY_WINDOW_S = 1.0
-# aiohttp closes a connection that has not sent a whole request head this long after it
-# opened or after its last answer (its own default is an hour): this bounds slowloris
-# clients as well as idle keep-alive connections.
+# A connection that has not sent a whole request head this long after it opened or after its
+# last answer is closed (aiohttp's own default is an hour): this bounds slowloris clients as
+# well as idle keep-alive connections.
 KEEPALIVE_TIMEOUT_S = 75.0
-
-
-def make_runner(app: web.Application) -> web.AppRunner:
-    # aiohttp's report of a request its parser refused quotes the raw line (a header with a
-    # key in it, say): it is logged in short instead, whatever logging is set up.
-    install_bad_request_filter()
-    return web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=1.0,
-        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
-        # The handler counts on being cancelled when its client leaves: a queued call then
-        # leaves the queue, and a cut upload is recorded as client_disconnect.
-        handler_cancellation=True,
-    )
 
 
 class ListenError(Exception):
@@ -60,8 +42,16 @@ class ListenError(Exception):
 
 
 class GatewayProcess:
-    def __init__(self, config_path: Path, config: GatewayConfig, host: str, port: int) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        config: GatewayConfig,
+        host: str,
+        port: int,
+        reuse_port: bool = False,
+    ) -> None:
         self.config_path = config_path
+        self.reuse_port = reuse_port
         self.config = config
         self.host, self.port = host, port
         self.app = build_app(config)
@@ -69,21 +59,16 @@ class GatewayProcess:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
-        runner = make_runner(self.app)
-        try:
-            await runner.setup()
-        except BaseException:
-            await runner.cleanup()  # closes whatever had started, the ledger flushed
-            raise
+        server = GatewayServer(self.app, self.app[HANDLER].handle, KEEPALIVE_TIMEOUT_S)
+        await server.setup()
         # Long-lived start-up objects leave the collector's view: full collections then
         # stay short instead of stalling calls for 10-15 ms.
         gc.collect()
         gc.freeze()
-        site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
         try:
-            await site.start()
+            await server.listen(self.host, self.port, reuse_port=self.reuse_port)
         except OSError as error:
-            await runner.cleanup()
+            await server.close()
             raise ListenError(self.host, self.port, error) from error
         log.info("listening on http://%s:%d/v1", self.host, self.port)
         print(f"metering-gateway listening on http://{self.host}:{self.port}/v1", flush=True)
@@ -94,15 +79,15 @@ class GatewayProcess:
         watcher = asyncio.create_task(self._watch_file(), name="config-watch")
         await self._stop.wait()
         watcher.cancel()
-        await self._drain(site)
-        await runner.cleanup()
+        await self._drain(server)
+        await server.close()
         log.info("stopped; ledger flushed")
 
-    async def _drain(self, site: web.TCPSite) -> None:
+    async def _drain(self, server: GatewayServer) -> None:
         self.app[READY].clear()
         # Unready first, still serving, so a load balancer stops sending before we stop listening.
         await asyncio.sleep(min(UNREADY_WINDOW_S, self.config.shutdown_grace_s))
-        await site.stop()  # stop accepting; open connections carry on
+        server.stop_accepting()  # open connections carry on
         handler = self.app[HANDLER]
         grace = self.config.shutdown_grace_s
         log.info("draining %d call(s), up to %gs", handler.in_flight, grace)
@@ -153,5 +138,7 @@ def _digest(path: Path) -> str | None:
         return None
 
 
-async def serve(config_path: Path, config: GatewayConfig, host: str, port: int) -> None:
-    await GatewayProcess(config_path, config, host, port).run()
+async def serve(
+    config_path: Path, config: GatewayConfig, host: str, port: int, reuse_port: bool = False
+) -> None:
+    await GatewayProcess(config_path, config, host, port, reuse_port).run()

@@ -544,6 +544,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
     parser.add_argument("--no-events", action="store_true", help="skip the per-event streams")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: tuple(int(c) for c in text.split(",")),
+        default=CONCURRENCY,
+        help="connection counts, comma-separated (default 1,10,50)",
+    )
     parser.add_argument("--replay", type=Path, default=REPLAY, help="the recordings' folder")
     parser.add_argument("--chat-recording", default=CHAT_RECORDING)
     parser.add_argument("--stream-recording", default=STREAM_RECORDING)
@@ -568,6 +574,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--warmup must be 1–10 s and --profile-seconds 1–120 s")
     if not 1 <= args.event_words <= 1000 or not 0 <= args.event_delay_ms <= 100:
         parser.error("--event-words must be 1–1000 and --event-delay-ms 0–100")
+    if not all(1 <= c <= 1000 for c in args.concurrency):
+        parser.error("--concurrency takes counts between 1 and 1000")
     if not 10 <= args.max_runtime <= 3600:
         parser.error("--max-runtime must be between 10 and 3600 seconds")
     return args
@@ -580,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         args=args,
         started=dt.datetime.now(dt.UTC),
         duration_s=args.duration or (2 if args.quick else 5),
-        concurrency=CONCURRENCY,
+        concurrency=args.concurrency,
         pinning=not args.no_pin and can_pin(),
     )
     try:

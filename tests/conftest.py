@@ -24,6 +24,8 @@ from gateway.app import HANDLER, LEDGER, build_app
 from gateway.config.loader import GatewayConfig, load_config
 from gateway.devtools.fake_http import FakeState
 from gateway.devtools.fake_upstream import build_fake_app
+from gateway.front.server import GatewayServer
+from gateway.server import KEEPALIVE_TIMEOUT_S
 from tests.services import PostgresServer
 
 # The compiled price database goes to a folder of this run's, not the user's ~/.cache.
@@ -52,7 +54,7 @@ class Fake:
 
 @dataclass
 class Gateway:
-    server: TestServer
+    server: GatewayServer
     app: web.Application
     config: GatewayConfig
     ledger_path: Path
@@ -144,7 +146,7 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 @pytest.fixture
 async def make_gateway(tmp_path: Path, fake: Fake) -> AsyncIterator[GatewayFactory]:
-    servers: list[TestServer] = []
+    servers: list[GatewayServer] = []
     gateways: list[Gateway] = []
 
     async def start(
@@ -184,8 +186,9 @@ async def make_gateway(tmp_path: Path, fake: Fake) -> AsyncIterator[GatewayFacto
         )
         config = load_config(config_path)
         app = build_app(config)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
+        server = GatewayServer(app, app[HANDLER].handle, KEEPALIVE_TIMEOUT_S)
+        await server.setup()
+        await server.listen("127.0.0.1", 0)
         servers.append(server)
         gateways.append(Gateway(server=server, app=app, config=config, ledger_path=ledger_path))
         return gateways[-1]

@@ -3,6 +3,7 @@ with their logs in files (a pipe nobody reads would block a busy process)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -135,3 +137,20 @@ class Stack:
         with sqlite3.connect(self.ledger) as db:
             db.row_factory = sqlite3.Row
             return list(db.execute("SELECT * FROM requests ORDER BY started_at"))
+
+
+@contextlib.contextmanager
+def sqlite_rows(path: Path) -> Iterator[list[sqlite3.Row]]:
+    """Every ledger row of the SQLite file at `path`."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.row_factory = sqlite3.Row
+        yield list(db.execute("SELECT * FROM requests ORDER BY started_at"))
+
+
+@contextlib.contextmanager
+def listening_socket() -> Iterator[int]:
+    """A port on 127.0.0.1 held by a plain listening socket (no SO_REUSEPORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]

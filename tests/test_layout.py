@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
-CONCERNS = {"access", "billing", "commands", "config", "devtools", "ledger", "limits",
+CONCERNS = {"access", "billing", "commands", "config", "devtools", "front", "ledger", "limits",
             "metering", "pipeline", "pricing", "upstream", "web"}  # fmt: skip
 
 
@@ -44,7 +44,7 @@ async def test_a_resource_that_fails_to_start_still_closes_the_ones_before_it(
 ) -> None:
     from gateway.app import LEDGER, LIMITER, OBJECTS, READY, UPSTREAM, build_app
     from gateway.config.loader import parse_config
-    from gateway.server import make_runner
+    from gateway.front.server import make_runner
 
     config = parse_config(
         f"storage: {{sqlite_path: {tmp_path / 'ledger.sqlite3'}}}\nteams: {{}}\n",
@@ -67,7 +67,7 @@ async def test_a_resource_that_fails_to_start_still_closes_the_ones_before_it(
         raise OSError("no upstream today")
 
     app[UPSTREAM].start = refuse_to_start  # type: ignore[method-assign]
-    runner = make_runner(app)
+    runner = make_runner(app, 75.0)
     with pytest.raises(OSError, match="no upstream today"):
         await runner.setup()
     await runner.cleanup()

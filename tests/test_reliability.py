@@ -34,14 +34,13 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from aiohttp import web
-from yarl import URL
 
 from gateway import server
 from gateway.access import keys
 from gateway.access.auth import Authenticator
 from gateway.app import HANDLER, build_app
 from gateway.config.loader import load_config
+from gateway.front.server import GatewayServer
 from gateway.metering import tokens
 from tests import processes
 from tests.conftest import (
@@ -101,21 +100,10 @@ def chunked(*pieces: bytes) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
 
 
-@dataclass
-class _Site:
-    """The part of aiohttp's TestServer that conftest's `Gateway` uses."""
-
-    host: str
-    port: int
-
-    def make_url(self, path: str) -> URL:
-        return URL.build(scheme="http", host=self.host, port=self.port, path=path)
-
-
 @pytest.fixture
 async def served(tmp_path: Path, fake: Fake) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
-    """The gateway app run by `serve`'s own runner (`server.make_runner`) on 127.0.0.1."""
-    runners: list[web.AppRunner] = []
+    """The gateway app served as `serve` serves it (`GatewayServer`) on 127.0.0.1."""
+    runners: list[GatewayServer] = []
     started: list[Gateway] = []
 
     async def start(teams: str = DEFAULT_TEAMS) -> Gateway:
@@ -141,13 +129,11 @@ async def served(tmp_path: Path, fake: Fake) -> AsyncIterator[Callable[..., Awai
         )
         config = load_config(config_path)
         app = build_app(config)
-        runner = server.make_runner(app)
+        runner = GatewayServer(app, app[HANDLER].handle, server.KEEPALIVE_TIMEOUT_S)
         await runner.setup()
         runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        site = _Site(host, port)
-        started.append(Gateway(server=site, app=app, config=config, ledger_path=ledger_path))  # type: ignore[arg-type]
+        await runner.listen("127.0.0.1", 0)
+        started.append(Gateway(server=runner, app=app, config=config, ledger_path=ledger_path))  # type: ignore[arg-type]
         return started[-1]
 
     yield start
@@ -155,7 +141,7 @@ async def served(tmp_path: Path, fake: Fake) -> AsyncIterator[Callable[..., Awai
         for client in gateway.clients:
             await client.close()
     for runner in runners:
-        await runner.cleanup()
+        await runner.close()
 
 
 @dataclass
