@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench_nginx_report import (
+    CORES_C,
+    CORES_PHASE,
     KIND_TITLES,
     TARGETS,
     LedgerCheck,
@@ -79,6 +81,8 @@ from harness.stack import (
     gateway_config,
 )
 from harness.wrk import lua_script, run_wrk, wrk_version
+
+from tests.services import RedisServer
 
 CONCURRENCY = (1, 10, 50)
 PROFILE_C = 50
@@ -112,6 +116,8 @@ class Part:
     servers: list[NginxServer]
     targets: dict[str, Target]
     completed: dict[str, int] = field(default_factory=dict)
+    phase: str = ""
+    redis: RedisServer | None = None
 
 
 # ---------------------------------------------------------------- answers
@@ -176,8 +182,10 @@ class CannedStack(Stack):
     """The gateway in front of nginx: `Stack`'s teams, keys and limits, its upstream nginx on
     `upstream_port` (nginx itself is a service of the stack, started beside it)."""
 
-    def __init__(self, workdir: Path, pinning: bool, upstream_port: int) -> None:
-        super().__init__(workdir, 1, pinning)
+    def __init__(
+        self, workdir: Path, pinning: bool, upstream_port: int, extra_config: str = ""
+    ) -> None:
+        super().__init__(workdir, 1, pinning, extra_config)
         self.upstream_port = upstream_port
 
     def start(self) -> None:
@@ -185,6 +193,7 @@ class CannedStack(Stack):
             gateway_config(
                 self.gateway_port, self.upstream_port, self.ledger, self.pricing, ANSWER_HEADER
             )
+            + self.extra_config
         )
         self.start_gateway("gateway.log")
 
@@ -272,7 +281,7 @@ class Runner:
         used = {name: after[name] - before.get(name, 0.0) for name in after}
         shares = {
             "wrk": result.cpu_s,
-            "upstream": used.get("upstream", 0.0) + used.get("nginx", 0.0),
+            "upstream": used.get("upstream", 0.0) + used.get("nginx", 0.0) + used.get("redis", 0.0),
             "proxy": used.get("proxy", 0.0),
             "gateway": used.get("gateway", 0.0),
         }
@@ -280,7 +289,7 @@ class Runner:
         shares["other"] = max(used["machine"] - accounted, 0.0)
         shares["steal"] = used["steal"]
         cpu = {name: 100 * value / wall for name, value in shares.items()}
-        return Run(target.name, call.kind, c, result, cpu)
+        return Run(target.name, call.kind, c, result, cpu, phase=part.phase, workers=stack.workers)
 
     def measure(self, part: Part, target: Target, call: Call, c: int) -> Run:
         """A run, redone while other work took more than NOISY_CPU_PCT of a core (least
@@ -375,11 +384,9 @@ def describe(run: Run) -> str:
 # ---------------------------------------------------------------- the two parts
 
 
-def canned_part(runner: Runner, nginx: str, workdir: Path, parts: list[Part]) -> Part:
-    bench = runner.bench
+def canned_upstream(bench: NginxBench, nginx: str, folder: Path) -> NginxServer:
+    """nginx answering with the recorded answers (not started)."""
     assert bench.chat is not None and bench.stream is not None
-    folder = workdir / "canned"
-    folder.mkdir()
     upstream = NginxServer(
         nginx,
         TEMPLATES / "upstream.conf.template",
@@ -391,6 +398,14 @@ def canned_part(runner: Runner, nginx: str, workdir: Path, parts: list[Part]) ->
     canned.mkdir(parents=True)
     (canned / "chat.json").write_bytes(bench.chat.response_body)
     (canned / "chat.sse").write_bytes(bench.stream.response_body)
+    return upstream
+
+
+def canned_part(runner: Runner, nginx: str, workdir: Path, parts: list[Part]) -> Part:
+    bench = runner.bench
+    folder = workdir / "canned"
+    folder.mkdir()
+    upstream = canned_upstream(bench, nginx, folder)
     stack = CannedStack(folder, bench.pinning, upstream.port)
     proxy = proxy_server(nginx, folder / "nginx-proxy", upstream.port)
     part = Part("canned answers (nginx upstream)", stack, [upstream, proxy], {})
@@ -450,9 +465,48 @@ def events_call(bench: NginxBench) -> Call:
     return Call("events", json.dumps(body, separators=(",", ":")).encode(), headers, check)
 
 
+def cores_part(runner: Runner, nginx: str, workdir: Path, parts: list[Part]) -> Part:
+    """nginx upstream and the gateway with its limits in Redis, for `--workers 1` and `2`."""
+    bench = runner.bench
+    folder = workdir / "cores"
+    folder.mkdir()
+    upstream = canned_upstream(bench, nginx, folder)
+    redis = RedisServer.start(folder / "redis")
+    extra = f'limits: {{backend: redis, redis_url: "{redis.url}", on_backend_error: fail_closed}}\n'
+    stack = CannedStack(folder, bench.pinning, upstream.port, extra)
+    part = Part("several cores (nginx upstream, limits in Redis)", stack, [upstream], {})
+    part.phase = CORES_PHASE
+    parts.append(part)
+    progress(f"starting nginx upstream and Redis in {folder}")
+    upstream.start()
+    stack.services.update(nginx=upstream, redis=redis)
+    part.redis = redis
+    part.targets = targets_for(upstream.port, 0, stack.gateway_port)
+    return part
+
+
+def measure_cores(runner: Runner, part: Part, calls: list[Call]) -> None:
+    stack = part.stack
+    for workers in (1, 2):
+        stack.workers = workers
+        stack.start()
+        progress(f"the gateway with --workers {workers}")
+        for call in calls:
+            for name in ("gateway", "limited"):
+                runner.check(part, part.targets[name], call)
+                runner.wrk_run(part, part.targets[name], call, WARMUP_C, runner.bench.args.warmup)
+        for call in calls:
+            for name in ("gateway", "limited"):
+                runner.bench.runs.append(runner.measure(part, part.targets[name], call, CORES_C))
+        runner.settle(part)
+
+
 def stop_part(part: Part) -> None:
     with contextlib.suppress(Exception):
         part.stack.stop()
+    if part.redis is not None:
+        with contextlib.suppress(Exception):
+            part.redis.stop()
     for server in part.servers:
         with contextlib.suppress(Exception):
             server.stop()
@@ -473,7 +527,13 @@ def execute(
         runner.measure_all(part, calls)
     runner.settle(part)
     stop_part(part)
-    if args.profile is not None or args.no_events:
+    if args.profile is not None:
+        return
+    if not args.no_cores:
+        part = cores_part(runner, nginx, workdir, parts)
+        measure_cores(runner, part, calls)
+        stop_part(part)
+    if args.no_events:
         return
     part = events_part(runner, nginx, workdir, parts)
     calls = [events_call(bench)]
@@ -544,6 +604,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
     parser.add_argument("--no-events", action="store_true", help="skip the per-event streams")
+    parser.add_argument(
+        "--no-cores", action="store_true", help="skip --workers 1 against --workers 2"
+    )
     parser.add_argument(
         "--concurrency",
         type=lambda text: tuple(int(c) for c in text.split(",")),

@@ -75,6 +75,8 @@ class Run:
     wrk: WrkResult
     cpu_pct: dict[str, float]
     tries: int = 1
+    phase: str = ""  # the part of the benchmark it belongs to
+    workers: int = 1  # the gateway's `serve --workers`
 
     @property
     def rps(self) -> float:
@@ -124,12 +126,59 @@ class NginxBench:
 
     def run(self, target: str, kind: str, c: int) -> Run | None:
         return next(
-            (r for r in self.runs if (r.target, r.kind, r.concurrency) == (target, kind, c)),
+            (
+                r
+                for r in self.runs
+                if (r.target, r.kind, r.concurrency) == (target, kind, c) and not r.phase
+            ),
+            None,
+        )
+
+    def cores_run(self, target: str, kind: str, workers: int) -> Run | None:
+        return next(
+            (
+                r
+                for r in self.runs
+                if r.phase == CORES_PHASE
+                and (r.target, r.kind, r.workers) == (target, kind, workers)
+            ),
             None,
         )
 
 
 # ---------------------------------------------------------------- tables
+
+
+CORES_PHASE = "cores"
+CORES_C = 50
+
+
+def cores_cells(bench: NginxBench) -> tuple[list[str], list[list[str]]]:
+    """`serve --workers 1` (CPU 0) against `--workers 2` (both CPUs), limits through Redis."""
+    headers = [
+        "scenario", "1 worker req/s", "its CPU%", "2 workers req/s", "their CPU%", "2 / 1",
+        "nginx proxy_pass req/s", "2 workers / proxy_pass",
+    ]  # fmt: skip
+    body: list[list[str]] = []
+    for kind in KINDS:
+        proxy = bench.run("proxy_pass", kind, CORES_C)
+        for target in ("gateway", "limited"):
+            one, two = (bench.cores_run(target, kind, n) for n in (1, 2))
+            if one is None and two is None:
+                continue
+            body.append(
+                [
+                    f"{KIND_TITLES[kind]} c={CORES_C}, {target}",
+                    fmt(one.rps) if one else "–",
+                    f"{one.cpu_pct.get('gateway', 0):.0f}" if one else "–",
+                    fmt(two.rps) if two else "–",
+                    f"{two.cpu_pct.get('gateway', 0):.0f}" if two else "–",
+                    _ratio(two.rps if two else None, one.rps if one else None),
+                    fmt(proxy.rps) if proxy else "–",
+                    _ratio(two.rps if two else None, proxy.rps if proxy else None),
+                ]
+            )
+    return headers, body
 
 
 def _ratio(top: float | None, bottom: float | None) -> str:
@@ -230,7 +279,7 @@ def run_cells(bench: NginxBench) -> tuple[list[str], list[list[str]]]:
         errors = ", ".join(f"{k} {v}" for k, v in r.wrk.socket_errors.items()) or "0"
         body.append(
             [
-                r.target,
+                r.target if r.phase != CORES_PHASE else f"{r.target} ×{r.workers} workers",
                 KIND_TITLES[r.kind],
                 str(r.concurrency),
                 f"{r.wrk.completed}",
@@ -429,6 +478,9 @@ def print_report(bench: NginxBench) -> None:
         print(f"[{verdict(goal.met):>8}] {goal.text}: {goal.measured}")
     for line in ledger_lines(bench):
         print(f"ledger: {line}")
+    if any(r.phase == CORES_PHASE for r in bench.runs):
+        print("several cores:")
+        print_table(*cores_cells(bench))
     print_table(*run_cells(bench))
     print_warnings(bench.notes)
 
@@ -461,6 +513,7 @@ def render_markdown(bench: NginxBench) -> str:
         "",
         *(f"- {line}" for line in ledger_lines(bench)),
         "",
+        *cores_section(bench),
         "### Every run",
         "",
         "CPU% is CPU time in the run / wall time (100 = one core); *upstream* is nginx or the "
@@ -471,6 +524,22 @@ def render_markdown(bench: NginxBench) -> str:
         END_MARK,
     ]
     return "\n".join(out) + "\n"
+
+
+def cores_section(bench: NginxBench) -> list[str]:
+    if not any(r.phase == CORES_PHASE for r in bench.runs):
+        return []
+    return [
+        "### Several cores",
+        "",
+        "`serve --workers 1` pinned to CPU 0 against `serve --workers 2` on both CPUs, with the "
+        "limits in Redis (`limits.backend: redis`, a local redis-server on CPU 1) in both, nginx "
+        "and wrk on CPU 1 as above: the second worker shares its CPU with them, so this shows "
+        "how far two cores go here, not how the gateway scales on a machine with cores to spare.",
+        "",
+        md_table(*cores_cells(bench)),
+        "",
+    ]
 
 
 def write_markdown(path: Path, section: str) -> None:

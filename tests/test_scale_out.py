@@ -384,8 +384,9 @@ async def test_a_slot_is_held_while_its_call_runs_and_freed_when_its_replica_die
     await chat(second)
     # A lease left by a replica that died mid-call runs out on its own.
     async with redis_client.Redis.from_url(redis_server.url) as client:
-        (now, _) = await client.time()
-        await client.zadd("mgw:team:research:max_concurrent", {"dead-replica-call": now + 1})
+        (seconds, micros) = await client.time()  # a lease that runs out in exactly 1 s
+        expiry = seconds + micros / 1_000_000 + 1
+        await client.zadd("mgw:team:research:max_concurrent", {"dead-replica-call": expiry})
         with pytest.raises(openai.RateLimitError):
             await chat(second)
         await asyncio.sleep(1.2)

@@ -108,15 +108,16 @@ def can_pin() -> bool:
     return hasattr(os, "sched_setaffinity") and {0, 1} <= os.sched_getaffinity(0)
 
 
-def pin(pid: int, cpu: int) -> None:
-    """Pin every thread of a process to one CPU (like `taskset -a -p`)."""
+def pin(pid: int, cpu: int | set[int]) -> None:
+    """Pin every thread of a process to one CPU, or a set of them (like `taskset -a -p`)."""
+    cpus = {cpu} if isinstance(cpu, int) else cpu
     try:
         tids = [int(entry) for entry in os.listdir(f"/proc/{pid}/task")]
     except OSError:
         tids = [pid]
     for tid in tids:
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(tid, {cpu})
+            os.sched_setaffinity(tid, cpus)
 
 
 def free_port() -> int:

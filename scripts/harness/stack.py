@@ -83,6 +83,7 @@ class Stack:
         self.gateway: subprocess.Popen[bytes] | None = None
         self.gateway_exit: int | None = None
         self.services: dict[str, Service] = {}
+        self.workers = 1  # `serve --workers`: above 1 the gateway's processes get every CPU
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             part for part in (str(REPO), env.get("PYTHONPATH", "")) if part
@@ -137,11 +138,20 @@ class Stack:
     def start_gateway(self, log_name: str) -> None:
         """Start `serve` on the config as it stands, logging to `log_name`."""
         self.gateway_exit = None
-        self.gateway, log = self._spawn(
-            ["-m", "gateway", "serve", "--config", str(self.config)], log_name
-        )
+        command = ["-m", "gateway", "serve", "--config", str(self.config)]
+        if self.workers > 1:
+            command += ["--workers", str(self.workers)]
+        self.gateway, log = self._spawn(command, log_name)
         wait_for_port(self.gateway_port, self.gateway, log)
+        if self.workers > 1:
+            time.sleep(1.0)  # every worker binds on its own; give the last one time to listen
         self.repin()
+
+    def gateway_pids(self) -> list[int]:
+        """The gateway's process, and its workers under `--workers`."""
+        if self.gateway is None or self.gateway.poll() is not None:
+            return []
+        return descendants(self.gateway.pid) if self.workers > 1 else [self.gateway.pid]
 
     def service_pids(self, name: str) -> list[int]:
         server = self.services.get(name)
@@ -155,8 +165,8 @@ class Stack:
             return
         for process in self.upstreams:
             pin(process.pid, UPSTREAM_CPU)
-        if self.gateway is not None and self.gateway.poll() is None:
-            pin(self.gateway.pid, GATEWAY_CPU)
+        for pid in self.gateway_pids():
+            pin(pid, GATEWAY_CPU if self.workers == 1 else set(range(os.cpu_count() or 1)))
         for name in self.services:
             for pid in self.service_pids(name):
                 pin(pid, UPSTREAM_CPU)
@@ -177,7 +187,7 @@ class Stack:
             "upstream": sum(cpu_seconds(process.pid) for process in self.upstreams),
         }
         if self.gateway is not None:
-            usage["gateway"] = cpu_seconds(self.gateway.pid)
+            usage["gateway"] = sum(cpu_seconds(pid) for pid in self.gateway_pids())
         for name in self.services:
             usage[name] = sum(cpu_seconds(pid) for pid in self.service_pids(name))
         usage["machine"], usage["steal"] = machine_busy_seconds()
