@@ -572,7 +572,8 @@ def profile(runner: Runner, part: Part, call: Call) -> None:
     spy = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         time.sleep(1.0)  # attach before the load starts
-        run = runner.wrk_run(part, part.targets["gateway"], call, PROFILE_C, seconds + 2)
+        target = part.targets[args.profile_target]
+        run = runner.wrk_run(part, target, call, PROFILE_C, seconds + 2)
         progress(describe(run))
         output, _ = spy.communicate(timeout=seconds + 30)
     finally:
@@ -620,6 +621,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--event-delay-ms", type=int, default=5, help="gap between events")
     parser.add_argument("--profile", type=Path, help="py-spy the gateway instead; raw output")
     parser.add_argument("--profile-seconds", type=int, default=10)
+    parser.add_argument(
+        "--profile-target", choices=("gateway", "limited"), default="gateway",
+        help="the unlimited team's key, or the one with every limit kind",
+    )  # fmt: skip
     parser.add_argument("--profile-rate", type=int, default=1000)
     parser.add_argument("--max-runtime", type=float, default=900.0, help="abort after this")
     parser.add_argument(

@@ -169,12 +169,12 @@ def cores_cells(bench: NginxBench) -> tuple[list[str], list[list[str]]]:
             body.append(
                 [
                     f"{KIND_TITLES[kind]} c={CORES_C}, {target}",
-                    fmt(one.rps) if one else "–",
+                    fmt(one.rps, "rate") if one else "–",
                     f"{one.cpu_pct.get('gateway', 0):.0f}" if one else "–",
-                    fmt(two.rps) if two else "–",
+                    fmt(two.rps, "rate") if two else "–",
                     f"{two.cpu_pct.get('gateway', 0):.0f}" if two else "–",
                     _ratio(two.rps if two else None, one.rps if one else None),
-                    fmt(proxy.rps) if proxy else "–",
+                    fmt(proxy.rps, "rate") if proxy else "–",
                     _ratio(two.rps if two else None, proxy.rps if proxy else None),
                 ]
             )

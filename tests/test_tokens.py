@@ -394,3 +394,26 @@ def test_counting_never_touches_the_network(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "offline-ok" in done.stdout
+
+
+async def test_the_first_estimate_builds_its_encoding_off_the_event_loop(
+    gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building o200k takes most of a second: in the event loop it would stall every call."""
+    monkeypatch.setattr(tokens, "_encodings", {})
+    built_in: list[str] = []
+    build = tokens._build_encoding
+
+    def recording_build(name: str):
+        built_in.append(threading.current_thread().name)
+        return build(name)
+
+    monkeypatch.setattr(tokens, "_build_encoding", recording_build)
+    answer = await gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "a b c"}],
+        extra_headers={"x-fake-fault": "no_usage"},
+    )
+    row = await gateway.row(answer.headers["x-gateway-request-id"])
+    assert row["tokens_estimated"] == 1 and row["input_tokens"] > 0
+    assert len(built_in) == 1 and built_in[0] != threading.main_thread().name

@@ -7,6 +7,7 @@ regex and special tokens taken from tiktoken's own encoding definitions.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
@@ -59,6 +60,15 @@ def get_encoding(name: str) -> tiktoken.Encoding:
         if found is None:
             found = _encodings[name] = _build_encoding(name)
     return found
+
+
+async def load_off_the_loop(model: str | None) -> None:
+    """Build the model's encoding in a thread if this process has not yet: the first build
+    takes most of a second and tens of megabytes, and in the event loop it would stall every
+    call under way (so encodings are built on first need, never at start)."""
+    name = encoding_name_for_model(model)
+    if name not in _encodings:
+        await asyncio.to_thread(get_encoding, name)
 
 
 def _build_encoding(name: str) -> tiktoken.Encoding:

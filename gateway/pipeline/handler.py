@@ -255,7 +255,7 @@ class Pipeline:
         took = time.perf_counter() - call.started
         return Answer(response, RelayResult(response_bytes=len(body), ttfb_s=took), held=True)
 
-    def _stream_budget(self, call: Call) -> tuple[StreamBudget, int] | None:
+    async def _stream_budget(self, call: Call) -> tuple[StreamBudget, int] | None:
         """For `cut` teams, the output this stream may still produce under their quotas."""
         facts, admission = call.facts, call.admission
         assert call.caller is not None and facts is not None
@@ -266,6 +266,7 @@ class Pipeline:
             or not any(q.kind in (TOKENS, SPEND) for m in admission.meters for q in m.quotas)
         ):
             return None
+        await tokens.load_off_the_loop(facts.model)
         prompt_tokens = tokens.estimate_prompt_tokens("/v1" + facts.api_path, facts.json_body)
         allowed = output_budget(
             admission,
@@ -394,6 +395,7 @@ class Pipeline:
 
 async def _estimate(facts: RequestFacts, answer: Answer, small: bool) -> Usage:
     assert answer.recorder is not None
+    await tokens.load_off_the_loop(facts.model)
     if small:
         return estimate_usage(facts, answer.recorder, answer.is_sse)
     # Tokenizing up to a megabyte would stall the event loop: do it in a thread.

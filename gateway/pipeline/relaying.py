@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -29,7 +29,7 @@ from gateway.upstream.forward import SMALL_BODY, client_response_headers, read_a
 log = logging.getLogger("gateway.handler")
 
 # (the budget, the prompt's estimated tokens) for a `cut` team's stream, else None
-BudgetFor = Callable[[Call], tuple[StreamBudget, int] | None]
+BudgetFor = Callable[[Call], Awaitable[tuple[StreamBudget, int] | None]]
 
 
 class Relay:
@@ -105,7 +105,7 @@ class Relay:
             source = ClaimingStream(upstream, lambda ids: self.walls.claim(call, ids))  # type: ignore[assignment]
         transform = stripper.feed if stripper else None
         flush = stripper.finish if stripper else None
-        budgeted = self.budget_for(call) if answer.is_sse and upstream.ok else None
+        budgeted = await self.budget_for(call) if answer.is_sse and upstream.ok else None
         if budgeted is not None:
             transform, flush = _through_budget(budgeted[0], stripper)
         response = answer.response
