@@ -14,6 +14,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.access.keyset import with_api_keys
+from gateway.access.store import StoredKey, make_key_store
+from gateway.access.sync import KeySync
 from gateway.config.loader import GatewayConfig
 from gateway.errors import NOT_FOUND, error_body
 from gateway.ledger.object_store import ObjectStore, make_object_store
@@ -26,6 +29,7 @@ from gateway.limits.store import Usage
 from gateway.pipeline.handler import Pipeline
 from gateway.upstream.forward import UpstreamClient
 from gateway.web.api import UsageApi
+from gateway.web.keys_api import KeysApi
 from gateway.web.metrics import GatewayCollector, metrics_handler
 from gateway.web.security import security_headers
 
@@ -41,13 +45,18 @@ READY = web.AppKey("ready", asyncio.Event)
 
 
 class Runtime:
-    """What a reload changes, applied in one place: the upstream pool (when its settings
-    changed; calls under way keep the old pool until they end), then the pipeline's keys,
-    limits and prices."""
+    """What a reload or a change of the API's keys changes, applied in one place: the upstream
+    pool (when its settings changed; calls under way keep the old pool until they end), then
+    the pipeline's keys (the file's with the API's merged in), limits and prices."""
 
     def __init__(self, config: GatewayConfig, pipeline: Pipeline) -> None:
-        self.config = config
+        self.config = config  # the file's
         self.pipeline = pipeline
+        self.api_keys: list[StoredKey] = []
+
+    def use_api_keys(self, keys: list[StoredKey]) -> None:
+        self.api_keys = keys
+        self.pipeline.reconfigure(*with_api_keys(self.config, keys))
 
     async def apply(self, config: GatewayConfig) -> None:
         pipeline = self.pipeline
@@ -60,11 +69,12 @@ class Runtime:
                 config.shutdown_grace_s + config.upstream.timeout_s,
                 lambda: asyncio.ensure_future(old.close()),
             )
-        pipeline.reconfigure(config)
         self.config = config
+        pipeline.reconfigure(*with_api_keys(config, self.api_keys))
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+KEY_SYNC = web.AppKey("key_sync", KeySync)
 
 
 def build_app(config: GatewayConfig) -> web.Application:
@@ -78,14 +88,18 @@ def build_app(config: GatewayConfig) -> web.Application:
     app[LIMITER] = limiter
     app[OBJECTS] = object_store
     app[READY] = asyncio.Event()
-    app[RUNTIME] = Runtime(config, handler)
+    runtime = app[RUNTIME] = Runtime(config, handler)
+    key_sync = app[KEY_SYNC] = KeySync(make_key_store(config.storage), runtime.use_api_keys)
     ledger.on_flush.append(handler.call_log.flush)  # call log lines go out on the same beat
     app.cleanup_ctx.extend(RESOURCES)
     app.on_response_prepare.append(security_headers)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    usage_api = UsageApi(lambda: handler.config, limiter, ledger.flush, ledger.reader)
+    usage_api = UsageApi(
+        lambda: handler.config, limiter, ledger.flush, ledger.reader, lambda: handler.authenticator
+    )
     app.router.add_routes(usage_api.routes())
+    app.router.add_routes(KeysApi(usage_api, lambda: runtime.config, key_sync).routes())
     collector = GatewayCollector(
         handler.stats, lambda: handler.config, limiter, ledger, lambda: handler.in_flight
     )
@@ -136,6 +150,17 @@ async def _limiter(app: web.Application) -> AsyncIterator[None]:
     await limiter.close()
 
 
+async def _api_keys(app: web.Application) -> AsyncIterator[None]:
+    sync = app[KEY_SYNC]
+    await sync.store.open()  # after the ledger: its table is in the ledger's schema
+    try:
+        await sync.start()
+        yield
+    finally:
+        await sync.close()
+        await sync.store.close()
+
+
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     await app[UPSTREAM].start()
     yield
@@ -148,7 +173,7 @@ async def _readiness(app: web.Application) -> AsyncIterator[None]:
     app[READY].clear()
 
 
-RESOURCES = (_call_log, _ledger, _object_store, _limiter, _upstream, _readiness)
+RESOURCES = (_call_log, _ledger, _object_store, _api_keys, _limiter, _upstream, _readiness)
 
 
 STATIC_DIR = Path(__file__).parent / "web" / "static"

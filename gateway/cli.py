@@ -11,6 +11,13 @@ from collections.abc import Sequence
 from gateway.commands.billing import cmd_invoice, cmd_reconcile, cmd_report, cmd_reprice
 from gateway.commands.common import EXIT_FAILURE, EXIT_USAGE
 from gateway.commands.config_file import cmd_check_config, cmd_keys_new
+from gateway.commands.keys import (
+    cmd_keys_list,
+    cmd_keys_new_stored,
+    cmd_keys_renew,
+    cmd_keys_revoke,
+    cmd_keys_rotate,
+)
 from gateway.commands.prices import cmd_prices
 from gateway.commands.servers import cmd_demo, cmd_fake_upstream, cmd_serve
 from gateway.ledger.storage import StorageConfigError, StorageError
@@ -47,7 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--team", required=True)
     new.add_argument("--id", help="key id (default: <team>-<n>)")
     new.add_argument("--expires", help="30d or YYYY-MM-DD (default: never)")
-    new.set_defaults(run=cmd_keys_new)
+    new.add_argument(
+        "--store",
+        action="store_true",
+        help="issue it in the ledger's database (as the admin API does), not as a YAML entry",
+    )
+    new.set_defaults(run=lambda args: (cmd_keys_new_stored if args.store else cmd_keys_new)(args))
+
+    listing = key_commands.add_parser("list", help="config and API keys")
+    _config_option(listing)
+    listing.add_argument("--team")
+    listing.add_argument("--format", choices=("table", "json"), default="table")
+    listing.set_defaults(run=cmd_keys_list)
+    renew = key_commands.add_parser("renew", help="move an API key's expiry")
+    _config_option(renew)
+    renew.add_argument("id")
+    renew.add_argument("--expires", required=True, help="90d or YYYY-MM-DD")
+    renew.set_defaults(run=cmd_keys_renew)
+    revoke = key_commands.add_parser("revoke", help="revoke an API key everywhere")
+    _config_option(revoke)
+    revoke.add_argument("id")
+    revoke.set_defaults(run=cmd_keys_revoke)
+    rotate = key_commands.add_parser("rotate", help="a new secret for an API key")
+    _config_option(rotate)
+    rotate.add_argument("id")
+    rotate.add_argument("--grace", help="how long the old secret keeps working: 90s, 30m, 1h, 2d")
+    rotate.set_defaults(run=cmd_keys_rotate)
 
     report = commands.add_parser("report", help="usage and cost from the ledger")
     _config_option(report)

@@ -29,6 +29,7 @@ class ErrorKind:
 
 INVALID_API_KEY = ErrorKind(401, "invalid_request_error", "invalid_api_key", Outcome.REJECTED)
 KEY_EXPIRED = ErrorKind(401, "invalid_request_error", "key_expired", Outcome.REJECTED)
+KEY_REVOKED = ErrorKind(401, "invalid_request_error", "key_revoked", Outcome.REJECTED)
 MODEL_NOT_ALLOWED = ErrorKind(403, "invalid_request_error", "model_not_allowed", Outcome.REJECTED)
 ENDPOINT_NOT_ALLOWED = ErrorKind(
     403, "invalid_request_error", "endpoint_not_allowed", Outcome.REJECTED
@@ -64,6 +65,15 @@ LIMITS_UNAVAILABLE = ErrorKind(503, "server_error", "limits_unavailable", Outcom
 GATEWAY_FAULT = ErrorKind(500, "server_error", "gateway_error", Outcome.GATEWAY_ERROR)
 NOT_FOUND = ErrorKind(404, "invalid_request_error", "unknown_url", Outcome.REJECTED)
 ADMIN_UNAUTHORIZED = ErrorKind(401, "invalid_request_error", "invalid_admin_key", Outcome.REJECTED)
+# The admin key API's (`/gateway/keys`).
+TEAM_NOT_FOUND = ErrorKind(404, "invalid_request_error", "team_not_found", Outcome.REJECTED)
+KEY_NOT_FOUND = ErrorKind(404, "invalid_request_error", "key_not_found", Outcome.REJECTED)
+KEY_EXISTS = ErrorKind(409, "invalid_request_error", "key_exists", Outcome.REJECTED)
+KEY_MANAGED_BY_CONFIG = ErrorKind(
+    409, "invalid_request_error", "key_managed_by_config", Outcome.REJECTED
+)
+KEY_IS_REVOKED = ErrorKind(409, "invalid_request_error", "key_revoked", Outcome.REJECTED)
+KEY_STORE_UNAVAILABLE = ErrorKind(503, "server_error", "key_store_unavailable", Outcome.REJECTED)
 
 
 class GatewayError(Exception):

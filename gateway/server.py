@@ -10,9 +10,11 @@ import gc
 import hashlib
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 
+from gateway.access.store import StoredKey
 from gateway.app import HANDLER, LEDGER, READY, RUNTIME, build_app
 from gateway.config.loader import ConfigError, GatewayConfig, load_config
 from gateway.front.server import GatewayServer
@@ -106,7 +108,12 @@ class GatewayProcess:
                 log.error("config not reloaded: %s", problem)
             return False
         self._file_digest = _digest(self.config_path)
-        await self.app[RUNTIME].apply(config)
+        runtime = self.app[RUNTIME]
+        if clashes := api_key_clashes(config, runtime.api_keys, self.config_path):
+            for clash in clashes:
+                log.error("config not reloaded: %s", clash)
+            return False
+        await runtime.apply(config)
         if _restart_only(config) != _restart_only(self.config):
             log.warning(
                 "changes to the listen address, storage, limits.backend or limits.redis_url "
@@ -123,6 +130,30 @@ class GatewayProcess:
             if digest is not None and digest != self._file_digest:
                 self._file_digest = digest
                 await self.reload()
+
+
+def api_key_clashes(config: GatewayConfig, api_keys: list[StoredKey], path: Path) -> list[str]:
+    """`file:line: ...` for each config key whose id a key issued over the API holds."""
+    taken = {row.id for row in api_keys}
+    clashes = []
+    lines = _lines(path)
+    for team in config.teams.values():
+        for key in team.keys:
+            if key.id in taken:
+                pattern = re.compile(rf"\bid:\s*['\"]?{re.escape(key.id)}['\"]?\s*(#.*)?$")
+                line = next((n for n, text in enumerate(lines, 1) if pattern.search(text)), 1)
+                clashes.append(
+                    f"{path}:{line}: key id '{key.id}' is held by a key issued over the admin "
+                    "API (revoked ones keep theirs): choose another id"
+                )
+    return clashes
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
 
 
 def _restart_only(config: GatewayConfig) -> tuple[object, ...]:

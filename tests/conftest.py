@@ -142,6 +142,7 @@ PRICING = """
 """
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
+STORAGE_LINE = "\n" + " " * 18  # a line of the `storage:` block below, before dedent
 
 
 @pytest.fixture
@@ -159,6 +160,7 @@ async def make_gateway(tmp_path: Path, fake: Fake) -> AsyncIterator[GatewayFacto
         ledger_path: Path | None = None,
         body_timeout_s: float = 60,
         pricing: str | None = PRICING,  # None: no `pricing` key, the builtin price database
+        storage_extra: tuple[str, ...] = (),  # more `storage:` settings: `backend: postgres`
     ) -> Gateway:
         ledger_path = ledger_path or tmp_path / f"ledger-{len(servers)}.sqlite3"
         config_path = tmp_path / f"gateway-{len(servers)}.yaml"
@@ -176,6 +178,7 @@ async def make_gateway(tmp_path: Path, fake: Fake) -> AsyncIterator[GatewayFacto
                 storage:
                   sqlite_path: {ledger_path}
                   flush_interval_ms: 20
+                  {STORAGE_LINE.join(storage_extra)}
                 renew_warning_days: {renew_warning_days}
                 """
             )

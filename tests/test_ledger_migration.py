@@ -176,7 +176,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def too_new_message(where: str) -> str:
     return (
-        f"the ledger at {where} has schema version 4; this metering-gateway knows up to 3:"
+        f"the ledger at {where} has schema version {SCHEMA_VERSION + 1}; this metering-gateway"
+        f" knows up to {SCHEMA_VERSION}:"
         " upgrade metering-gateway"
     )
 
@@ -184,18 +185,18 @@ def too_new_message(where: str) -> str:
 # ---------------------------------------------------------------- SQLite
 
 
-def test_the_schema_version_this_code_writes_is_3():
-    assert SCHEMA_VERSION == 3
+def test_the_schema_version_this_code_writes_is_4():
+    assert SCHEMA_VERSION == 4
     assert COLUMNS[-len(NEW_COLUMNS) :] == NEW_COLUMNS
     assert dataclasses.astuple(CallRecord("r", 0.0))[-len(NEW_COLUMNS) :] == NEW_DEFAULTS
 
 
-def test_a_new_sqlite_ledger_is_created_at_version_3_with_every_column(tmp_path: Path):
+def test_a_new_sqlite_ledger_is_created_at_the_current_version_with_every_column(tmp_path: Path):
     path = tmp_path / "data" / "ledger.sqlite3"
 
     prepare_database(path)
 
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
     assert sqlite_read(path, "SELECT COUNT(*) FROM requests") == [(0,)]
 
@@ -221,7 +222,7 @@ async def test_the_0c35914_ledger_is_upgraded_in_place_with_every_value_kept(tmp
     assert sqlite_read(path, "SELECT typeof(audio_seconds), typeof(service_tier) FROM requests")[
         0
     ] == ("real", "null")
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
     assert sqlite_columns(path)[-len(NEW_COLUMNS) :] == [
         ("cache_write_tokens", "INTEGER", "0"),
@@ -239,7 +240,8 @@ async def test_the_0c35914_ledger_is_upgraded_in_place_with_every_value_kept(tmp
         ("upstream_ms", "REAL", None),
     ]
     tables = {name for (name,) in sqlite_read(path, "SELECT name FROM sqlite_master")}
-    assert {"requests", "objects", "gateway_schema", "objects_team_kind"} <= tables
+    assert {"requests", "objects", "api_keys", "gateway_schema", "objects_team_kind"} <= tables
+    assert sqlite_read(path, "SELECT COUNT(*) FROM api_keys") == [(0,)]
 
 
 async def test_a_second_open_of_an_upgraded_ledger_changes_nothing(tmp_path: Path):
@@ -257,7 +259,7 @@ async def test_a_second_open_of_an_upgraded_ledger_changes_nothing(tmp_path: Pat
 
     assert sqlite_read(path, "PRAGMA schema_version") == cookie
     assert sqlite_read(path, "SELECT rowid, version FROM gateway_schema") == version_row
-    assert version_row == [(1, 3)]
+    assert version_row == [(1, SCHEMA_VERSION)]
     assert sqlite_read(path, "SELECT * FROM requests ORDER BY request_id") == rows
 
 
@@ -302,7 +304,7 @@ def test_a_ledger_claiming_version_2_without_the_new_columns_is_repaired(tmp_pat
     assert sqlite_read(path, f"SELECT DISTINCT {', '.join(NEW_COLUMNS)} FROM requests") == [
         NEW_DEFAULTS
     ]
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
 
 
 async def test_a_version_2_ledger_gains_upstream_ms_with_every_row_kept(tmp_path: Path):
@@ -320,7 +322,7 @@ async def test_a_version_2_ledger_gains_upstream_ms_with_every_row_kept(tmp_path
     ledger.append(AFTER_UPGRADE)
     await ledger.close()
 
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     assert sqlite_columns(path)[-1] == ("upstream_ms", "REAL", None)
     after = sqlite_read(path, "SELECT * FROM requests ORDER BY request_id")
     assert [row[:-1] for row in after if row[0] != AFTER_UPGRADE.request_id] == rows
@@ -332,7 +334,7 @@ async def test_a_version_2_ledger_gains_upstream_ms_with_every_row_kept(tmp_path
 
 def test_a_newer_sqlite_ledger_is_refused_and_left_untouched(tmp_path: Path):
     path = old_ledger(tmp_path)
-    set_sqlite_version(path, 4)
+    set_sqlite_version(path, SCHEMA_VERSION + 1)
     schema = sqlite_read(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
 
     with pytest.raises(LedgerTooNew) as refused:
@@ -342,12 +344,12 @@ def test_a_newer_sqlite_ledger_is_refused_and_left_untouched(tmp_path: Path):
     assert str(refused.value) == too_new_message(str(path))
     assert sqlite_read(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == schema
     assert sqlite_old_rows(path) == fixture_rows()
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(4,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION + 1,)]
 
 
 def test_serve_and_report_on_a_newer_sqlite_ledger_exit_1_with_the_message(tmp_path: Path):
     path = old_ledger(tmp_path)
-    set_sqlite_version(path, 4)
+    set_sqlite_version(path, SCHEMA_VERSION + 1)
     config = str(write_config(tmp_path, path))
 
     serve = run_cli("serve", "--config", config)
@@ -372,7 +374,7 @@ def test_report_on_an_old_ledger_upgrades_it_first_and_counts_every_row(tmp_path
     assert [(row["calls"], row["cost_nanousd"]) for row in legacy] == [
         (9, 6 * 8100 + 132_500 + 40 + 7500)
     ]
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
     assert sqlite_old_rows(path) == fixture_rows()
 
@@ -405,7 +407,7 @@ def test_several_processes_opening_one_old_ledger_at_once_upgrade_it_once(tmp_pa
 
     assert errors == []
     assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     assert sqlite_old_rows(path) == fixture_rows()
 
 
@@ -423,7 +425,7 @@ def test_a_failed_upgrade_changes_nothing_and_says_why(tmp_path: Path):
         prepare_database(path)
 
     assert str(failed.value) == (
-        f"the ledger at {path} (schema version 1) could not be brought to version 3:"
+        f"the ledger at {path} (schema version 1) could not be brought to version {SCHEMA_VERSION}:"
         " Cannot add a PRIMARY KEY column"
     )
     assert sqlite_read(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == schema
@@ -442,14 +444,14 @@ def test_a_serve_process_upgrades_the_old_ledger_and_appends_after_it(tmp_path: 
 
     assert reply.choices
     assert stack.gateway.returncode == 0
-    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(3,)]
+    assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
     rows = sqlite_old_rows(path)
     assert len(rows) == 11
     assert [row for row in rows if row[0].startswith("req_c863702a832d1936")] == fixture_rows()
     (new,) = [row for row in rows if not row[0].startswith("req_c863702a832d1936")]
     assert (new[3], new[9]) == ("research", 200)  # team, status
-    assert "schema version 1 upgraded to 3" in stack.log_text()
+    assert f"schema version 1 upgraded to {SCHEMA_VERSION}" in stack.log_text()
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -503,7 +505,7 @@ async def test_a_new_postgres_ledger_is_created_at_version_2_with_every_column(p
     await ledger.open()
     await ledger.close()
 
-    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(3,)]
+    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     assert [row[0] for row in await pg_fetch(pg_dsn, _PG_COLUMNS)] == list(COLUMNS)
     assert await pg_fetch(pg_dsn, "SELECT COUNT(*) FROM requests") == [(0,)]
 
@@ -526,7 +528,7 @@ async def test_a_version_1_postgres_ledger_is_upgraded_in_place_with_every_value
         pg_dsn, f"SELECT {', '.join(NEW_COLUMNS)} FROM requests ORDER BY request_id"
     )
     assert new_values == [NEW_DEFAULTS] * 10
-    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(3,)]
+    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     columns = await pg_fetch(pg_dsn, _PG_COLUMNS)
     assert [name for name, _, _ in columns] == list(COLUMNS)
     assert columns[-len(NEW_COLUMNS) :] == [
@@ -584,11 +586,11 @@ async def test_a_postgres_ledger_claiming_version_2_without_the_new_columns_is_r
     assert await pg_fetch(pg_dsn, f"SELECT DISTINCT {', '.join(NEW_COLUMNS)} FROM requests") == [
         NEW_DEFAULTS
     ]
-    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(3,)]
+    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
 
 
 async def test_a_newer_postgres_ledger_is_refused_and_left_untouched(pg_dsn: str):
-    await make_postgres_v1(pg_dsn, version=4)
+    await make_postgres_v1(pg_dsn, version=SCHEMA_VERSION + 1)
     columns = await pg_fetch(pg_dsn, _PG_COLUMNS)
 
     ledger = PostgresLedger(pg_dsn, flush_interval_ms=20)
@@ -599,13 +601,13 @@ async def test_a_newer_postgres_ledger_is_refused_and_left_untouched(pg_dsn: str
     assert await pg_fetch(pg_dsn, _PG_COLUMNS) == columns
     assert await pg_fetch(pg_dsn, "SELECT to_regclass('objects')::text") == [(None,)]
     assert await pg_old_rows(pg_dsn) == fixture_rows()
-    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(4,)]
+    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION + 1,)]
 
 
 async def test_serve_and_report_on_a_newer_postgres_ledger_exit_1_with_the_message(
     pg_dsn: str, tmp_path: Path
 ):
-    await make_postgres_v1(pg_dsn, version=4)
+    await make_postgres_v1(pg_dsn, version=SCHEMA_VERSION + 1)
     config = str(write_config(tmp_path, tmp_path / "unused.sqlite3", backend="postgres"))
 
     # $TEST_MIGRATION_PG_DSN is set (the pg_dsn fixture): the processes inherit it.
@@ -630,7 +632,7 @@ async def test_a_postgres_read_command_upgrades_an_old_ledger_first(pg_dsn: str)
         )
 
     assert rows == [(10, 6 * 8100 + 132_500 + 40 + 7500, 0, 0)]
-    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(3,)]
+    assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     assert await pg_old_rows(pg_dsn) == fixture_rows()
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import date
 
-from gateway.access.keys import KeyRing, bearer_secret, days_left
+from gateway.access.keys import KeyRing, bearer_secret, days_left, hash_key
+from gateway.access.keyset import ApiKeyIndex
 from gateway.config.loader import GatewayConfig, KeyConfig, TeamConfig
 from gateway.errors import (
     ENDPOINT_NOT_ALLOWED,
     INVALID_API_KEY,
     KEY_EXPIRED,
+    KEY_REVOKED,
     MODEL_NOT_ALLOWED,
     GatewayError,
 )
@@ -24,9 +27,13 @@ class Caller:
 
 
 class Authenticator:
-    def __init__(self, config: GatewayConfig) -> None:
+    """The keys in force (`config`'s, API keys merged in by `gateway.access.keyset`), and what
+    only the API's keys can be: revoked, or rotated out and still in their grace."""
+
+    def __init__(self, config: GatewayConfig, api_keys: ApiKeyIndex | None = None) -> None:
         self._config = config
         self._ring = KeyRing(config.keys_by_hash())
+        self._api_keys = api_keys or ApiKeyIndex()
 
     def authenticate(self, authorization: str | None, today: date) -> Caller:
         secret = bearer_secret(authorization)
@@ -38,8 +45,20 @@ class Authenticator:
             )
         key = self._ring.find(secret)
         if key is None:
-            raise GatewayError(INVALID_API_KEY, "Incorrect API key provided.")
+            key = self._not_in_the_ring(hash_key(secret))
         return Caller(key=key, team=self._config.teams[key.team], days_left=days_left(key, today))
+
+    def _not_in_the_ring(self, digest: bytes) -> KeyConfig:
+        index = self._api_keys
+        rotated = index.previous.get(digest)
+        if rotated is not None and time.time() < rotated[1]:
+            return rotated[0]
+        if digest in index.revoked and rotated is None:
+            raise GatewayError(
+                KEY_REVOKED,
+                f"This gateway key ({index.revoked[digest]}) has been revoked. Ask for a new key.",
+            )
+        raise GatewayError(INVALID_API_KEY, "Incorrect API key provided.")
 
 
 def ensure_not_expired(caller: Caller) -> None:

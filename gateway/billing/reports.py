@@ -283,7 +283,7 @@ def render_invoice(invoice: dict, fmt: str) -> str:
         f"{invoice['currency']}"
     )
     table_rows = [{k: v for k, v in row.items() if k != "amount_nanousd"} for row in rows]
-    return header + "\n\n" + _plain_table(table_rows)
+    return header + "\n\n" + plain_table(table_rows)
 
 
 _LINE_FIELDS = (
@@ -292,7 +292,7 @@ _LINE_FIELDS = (
 )  # fmt: skip
 
 
-def _plain_table(rows: list[dict[str, object]]) -> str:
+def plain_table(rows: list[dict[str, object]]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]

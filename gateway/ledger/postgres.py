@@ -22,6 +22,7 @@ from gateway.ledger.readers import POSTGRES, Row
 from gateway.ledger.storage import StorageError
 from gateway.ledger.writer import (
     _COLUMN_TYPES,
+    API_KEY_COLUMN_TYPES,
     COLUMNS,
     OBJECT_COLUMN_TYPES,
     OBJECT_INDEXES,
@@ -58,6 +59,7 @@ SCHEMA_SQL = [  # SQLite's tables and indexes: same names, same columns
     *REQUEST_INDEXES,
     create_table("objects", OBJECT_COLUMN_TYPES, _column_type),
     *OBJECT_INDEXES,
+    create_table("api_keys", API_KEY_COLUMN_TYPES, _column_type),
     create_table("gateway_schema", VERSION_COLUMN_TYPES, _column_type),
 ]
 # Gateways sharing one database may start together: one creates or upgrades it at a time.

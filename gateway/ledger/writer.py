@@ -146,18 +146,35 @@ OBJECT_COLUMN_TYPES = {
     "deleted_at": "REAL",
 }
 OBJECT_INDEXES = ["CREATE INDEX IF NOT EXISTS objects_team_kind ON objects (team, kind)"]
+# Keys issued over the admin API (`gateway.access.store`): only a secret's sha256 is kept. A
+# rotated key's previous digest stays valid until `previous_until`; `updated_at` moves on every
+# change, which is how other replicas notice one.
+API_KEY_COLUMN_TYPES = {
+    "id": "TEXT PRIMARY KEY",
+    "team": "TEXT NOT NULL",
+    "sha256": "TEXT NOT NULL",
+    "expires": "TEXT",
+    "limits": "TEXT NOT NULL",
+    "created_at": "REAL NOT NULL",
+    "revoked_at": "REAL",
+    "previous_sha256": "TEXT",
+    "previous_until": "REAL",
+    "updated_at": "REAL NOT NULL",
+}
 # The ledger's schema version, one row of `gateway_schema`. Version 1 is the ledger of the
 # releases that recorded none (no `gateway_schema` table); version 2 added the columns from
-# `cache_write_tokens` on, version 3 `upstream_ms`. An older ledger is upgraded in place at
-# start by adding the columns it lacks; a newer one is refused (this code would not write what
-# its readers expect).
-SCHEMA_VERSION = 3
+# `cache_write_tokens` on, version 3 `upstream_ms`, version 4 the `api_keys` table (a gateway
+# of an older release would not see the keys issued or revoked there). An older ledger is
+# upgraded in place at start by adding what it lacks; a newer one is refused (this code would
+# not write what its readers expect).
+SCHEMA_VERSION = 4
 VERSION_COLUMN_TYPES = {"version": "INTEGER NOT NULL"}
 SCHEMA = [
     create_table("requests", _COLUMN_TYPES),
     *REQUEST_INDEXES,
     create_table("objects", OBJECT_COLUMN_TYPES),
     *OBJECT_INDEXES,
+    create_table("api_keys", API_KEY_COLUMN_TYPES),
     create_table("gateway_schema", VERSION_COLUMN_TYPES),
 ]
 WRITE_VERSION = ["DELETE FROM gateway_schema", "INSERT INTO gateway_schema (version) VALUES (?)"]

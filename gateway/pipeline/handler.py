@@ -21,6 +21,7 @@ from gateway.access.auth import (
     ensure_not_expired,
 )
 from gateway.access.keys import today_in
+from gateway.access.keyset import ApiKeyIndex
 from gateway.config.loader import GatewayConfig, TeamConfig
 from gateway.errors import (
     GATEWAY_FAULT,
@@ -108,10 +109,10 @@ class Pipeline:
     def upstream(self, client: UpstreamClient) -> None:
         self.forwarder.upstream = client
 
-    def reconfigure(self, config: GatewayConfig) -> None:
+    def reconfigure(self, config: GatewayConfig, api_keys: ApiKeyIndex | None = None) -> None:
         self.config = config
         self.limiter.apply(config)
-        self.authenticator = Authenticator(config)
+        self.authenticator = Authenticator(config, api_keys)
         self.upstream.use_credentials(config)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:

@@ -41,12 +41,19 @@ ConfigGetter = Callable[[], GatewayConfig]
 
 class UsageApi:
     def __init__(
-        self, config: ConfigGetter, limiter: Limiter, flush: Callable, reader: LedgerReader
+        self,
+        config: ConfigGetter,
+        limiter: Limiter,
+        flush: Callable,
+        reader: LedgerReader,
+        authenticator: Callable[[], Authenticator] | None = None,
     ) -> None:
         self._config = config
         self._limiter = limiter
-        self._flush = flush
+        self.flush = flush
         self.ledger = reader
+        # The pipeline's: with the API's keys, their revocations and rotation graces.
+        self._authenticator = authenticator or (lambda: Authenticator(self._config()))
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -62,10 +69,10 @@ class UsageApi:
     async def me(self, request: web.Request) -> web.Response:
         config = self._config()
         try:
-            caller = _key_holder(config, request)
+            caller = _key_holder(config, self._authenticator(), request)
         except GatewayError as error:
             return _error(error)
-        await self._flush()
+        await self.flush()
         return web.json_response(await self._me_document(config, caller))
 
     async def _me_document(self, config: GatewayConfig, caller: Caller) -> dict[str, Any]:
@@ -93,13 +100,13 @@ class UsageApi:
         """The caller's own key's usage over time (for the portal's charts)."""
         config = self._config()
         try:
-            caller = _key_holder(config, request)
+            caller = _key_holder(config, self._authenticator(), request)
             query = _usage_query(request.query, default_width="1d")
             _only(query.group_by, set(GROUP_COLUMNS))
             query.group_by, query.teams = [], []
             query.key_ids = [caller.key.id]
             check_query(query)
-            await self._flush()
+            await self.flush()
             page = await bucket_page(self.ledger, query, limits=BUCKET_LIMITS["1m"])
         except (GatewayError, QueryError) as error:
             return _error(error)
@@ -120,10 +127,11 @@ class UsageApi:
     # ------------------------------------------------------------ admin
 
     def _check_admin(self, request: web.Request) -> None:
-        expected = os.environ.get(self._config().admin.key_env, "")
-        presented = bearer_secret(request.headers.get("Authorization")) or ""
-        if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
-            raise GatewayError(ADMIN_UNAUTHORIZED, "This endpoint needs the gateway's admin key.")
+        check_admin(self._config(), request)
+
+    @property
+    def limiter(self) -> Limiter:
+        return self._limiter
 
     async def gateway_usage(self, request: web.Request) -> web.Response:
         try:
@@ -131,7 +139,7 @@ class UsageApi:
             query = _usage_query(request.query, default_width="1h")
             check_query(query)
             query.limit = query.limit or BUCKET_LIMITS[query.bucket_width][1]
-            await self._flush()
+            await self.flush()
             page = await bucket_page(self.ledger, query, percentiles=True)
         except (GatewayError, QueryError) as error:
             return _error(error)
@@ -165,7 +173,7 @@ class UsageApi:
             query.paths = COMPLETION_PATHS
             query.billable_only = True
             check_query(query)
-            await self._flush()
+            await self.flush()
             page = await bucket_page(self.ledger, query)
         except (GatewayError, QueryError) as error:
             return _error(error)
@@ -178,7 +186,7 @@ class UsageApi:
             check_query(query, max_width="1d")
             _only(query.group_by, {"project_id", "line_item", "api_key_id"})
             query.billable_only = True
-            await self._flush()
+            await self.flush()
             page = await bucket_page(self.ledger, query, limits=(7, 180))
         except (GatewayError, QueryError) as error:
             return _error(error)
@@ -239,6 +247,18 @@ _ME_FIELDS = (
     "requests", "errors", "input_tokens", "cached_input_tokens", "output_tokens",
     "reasoning_tokens", "request_bytes", "response_bytes", "cost_nanousd",
 )  # fmt: skip
+
+
+def check_admin(config: GatewayConfig, request: web.Request) -> None:
+    """Refuse (401 `invalid_admin_key`) unless the caller presents the admin key."""
+    expected = os.environ.get(config.admin.key_env, "")
+    presented = bearer_secret(request.headers.get("Authorization")) or ""
+    if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise GatewayError(ADMIN_UNAUTHORIZED, "This endpoint needs the gateway's admin key.")
+
+
+def error_response(error: GatewayError | QueryError) -> web.Response:
+    return _error(error)
 
 
 def _rename(group: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
@@ -302,9 +322,11 @@ def _only(group_by: list[str] | tuple, allowed: set[str]) -> None:  # type: igno
             raise QueryError("group_by", f"group_by '{name}' is not supported here")
 
 
-def _key_holder(config: GatewayConfig, request: web.Request) -> Caller:
-    """The caller's own gateway key, refused when unknown or expired."""
-    caller = Authenticator(config).authenticate(
+def _key_holder(
+    config: GatewayConfig, authenticator: Authenticator, request: web.Request
+) -> Caller:
+    """The caller's own gateway key, refused when unknown, revoked or expired."""
+    caller = authenticator.authenticate(
         request.headers.get("Authorization"), today_in(config.limits_timezone)
     )
     ensure_not_expired(caller)
