@@ -26,6 +26,8 @@ from gateway.limits.admission import Limiter
 from gateway.limits.rebuild import window_usage
 from gateway.limits.redis import RedisStore
 from gateway.limits.store import Usage
+from gateway.notify.notifier import Notifier
+from gateway.notify.outbox import make_outbox
 from gateway.pipeline.handler import Pipeline
 from gateway.upstream.forward import UpstreamClient
 from gateway.web.api import UsageApi
@@ -75,6 +77,7 @@ class Runtime:
 
 RUNTIME = web.AppKey("runtime", Runtime)
 KEY_SYNC = web.AppKey("key_sync", KeySync)
+NOTIFIER = web.AppKey("notifier", Notifier)
 
 
 def build_app(config: GatewayConfig) -> web.Application:
@@ -100,8 +103,11 @@ def build_app(config: GatewayConfig) -> web.Application:
     )
     app.router.add_routes(usage_api.routes())
     app.router.add_routes(KeysApi(usage_api, lambda: runtime.config, key_sync).routes())
+    notifier = app[NOTIFIER] = Notifier(
+        lambda: handler.config, limiter, make_outbox(config.storage)
+    )
     collector = GatewayCollector(
-        handler.stats, lambda: handler.config, limiter, ledger, lambda: handler.in_flight
+        handler.stats, lambda: handler.config, limiter, ledger, lambda: handler.in_flight, notifier
     )
     app.router.add_get("/metrics", metrics_handler(collector))
     app.router.add_get("/portal", _to_portal)
@@ -161,6 +167,17 @@ async def _api_keys(app: web.Application) -> AsyncIterator[None]:
         await sync.store.close()
 
 
+async def _notifications(app: web.Application) -> AsyncIterator[None]:
+    notifier = app[NOTIFIER]
+    await notifier.outbox.open()  # after the limits: budget alerts read their windows
+    await notifier.start()
+    try:
+        yield
+    finally:
+        await notifier.close()
+        await notifier.outbox.close()
+
+
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     await app[UPSTREAM].start()
     yield
@@ -173,7 +190,9 @@ async def _readiness(app: web.Application) -> AsyncIterator[None]:
     app[READY].clear()
 
 
-RESOURCES = (_call_log, _ledger, _object_store, _api_keys, _limiter, _upstream, _readiness)
+RESOURCES = (
+    _call_log, _ledger, _object_store, _api_keys, _limiter, _notifications, _upstream, _readiness,
+)  # fmt: skip
 
 
 STATIC_DIR = Path(__file__).parent / "web" / "static"

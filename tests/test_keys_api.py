@@ -305,3 +305,18 @@ def test_a_reload_adding_a_config_key_with_an_api_keys_id_is_refused_with_its_li
         "keep theirs): choose another id"
     ]
     assert api_key_clashes(config, [], path) == []
+
+
+async def test_under_workers_with_limits_in_memory_a_keys_limits_are_refused(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_WORKERS", "2")  # what `serve --workers 2` sets in each worker
+    status, body = await call(
+        gateway, "POST", "/gateway/keys", {"team": "research", "limits": {"requests_per_day": 5}}
+    )
+    assert (status, body["error"]["code"], body["error"]["param"]) == (
+        400, "invalid_request", "limits",
+    )  # fmt: skip
+    assert "limits.backend: redis" in body["error"]["message"]
+    status, _ = await call(gateway, "POST", "/gateway/keys", {"team": "research"})
+    assert status == 201

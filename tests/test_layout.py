@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
 CONCERNS = {"access", "billing", "commands", "config", "devtools", "front", "ledger", "limits",
-            "metering", "pipeline", "pricing", "upstream", "web"}  # fmt: skip
+            "metering", "notify", "pipeline", "pricing", "upstream", "web"}  # fmt: skip
 
 
 def test_each_folder_says_in_one_line_what_it_is_for() -> None:

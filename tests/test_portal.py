@@ -185,3 +185,54 @@ async def test_portal_refuses_an_unknown_key(traffic: Gateway, tmp_path):
             driver.quit()
 
     assert await asyncio.to_thread(attempt) == "Incorrect API key provided."
+
+
+def manage_keys(url: str, tmp_path: Path) -> dict[str, object]:
+    """As the admin: issue a key for research, renew it, then revoke it (two clicks)."""
+    driver = browser(tmp_path, 1200, 1200)
+    wait = WebDriverWait(driver, 15)
+    seen: dict[str, object] = {}
+    try:
+        show(driver, url, ADMIN_KEY, "keys")
+        rows = driver.find_elements(By.CSS_SELECTOR, "#key-table tbody tr")
+        seen["listed"] = [row.get_attribute("data-key") for row in rows]
+        driver.find_element(By.CSS_SELECTOR, '#issue-team option[value="research"]').click()
+        driver.find_element(By.ID, "issue-id").send_keys("from-portal")
+        driver.find_element(By.ID, "issue-expires").send_keys("30d")
+        driver.find_element(By.ID, "issue-button").click()
+        wait.until(expected_conditions.visibility_of_element_located((By.ID, "issued")))
+        seen["secret"] = driver.find_element(By.ID, "issued-secret").text
+        row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'tr[data-key="from-portal"]'))
+        seen["expires"] = row.find_element(By.CLASS_NAME, "expires").text
+        row.find_element(By.CLASS_NAME, "renew").click()
+        wait.until(lambda d: "now expires" in d.find_element(By.ID, "status").text)
+        row = driver.find_element(By.CSS_SELECTOR, 'tr[data-key="from-portal"]')
+        seen["renewed"] = row.find_element(By.CLASS_NAME, "expires").text
+        revoke = row.find_element(By.CLASS_NAME, "revoke")
+        revoke.click()
+        seen["confirm_label"] = revoke.text
+        revoke.click()
+        wait.until(lambda d: "is revoked" in d.find_element(By.ID, "status").text)
+        row = driver.find_element(By.CSS_SELECTOR, 'tr[data-key="from-portal"]')
+        seen["revoked_at"] = row.find_element(By.CLASS_NAME, "revoked").text
+        return seen
+    finally:
+        driver.quit()
+
+
+async def test_the_admin_issues_renews_and_revokes_a_key_in_the_portal(traffic: Gateway, tmp_path):
+    from datetime import date, timedelta
+
+    url = str(traffic.server.make_url("/portal/"))
+    seen = await asyncio.to_thread(manage_keys, url, tmp_path)
+    assert seen["listed"] == ["product-web", "research-dev", "research-soon"]
+    assert seen["expires"] == (date.today() + timedelta(days=30)).isoformat()
+    assert seen["renewed"] == (date.today() + timedelta(days=90)).isoformat()
+    assert seen["confirm_label"] == "Confirm revoke" and seen["revoked_at"].endswith("Z")
+    secret = str(seen["secret"])
+    assert secret.startswith("mgw-")
+    with pytest.raises(openai.AuthenticationError) as refused:
+        await traffic.client(secret).chat.completions.create(**CHAT)
+    assert refused.value.code == "key_revoked"
+    row = await traffic.row(refused.value.response.headers["x-gateway-request-id"])
+    assert (row["status"], row["error_code"]) == (401, "key_revoked")

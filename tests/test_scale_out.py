@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import textwrap
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -527,3 +528,65 @@ async def test_a_call_the_upstream_never_answered_takes_nothing_from_the_shared_
         limits = (await response.json())["limits"]
     assert limits["requests_per_minute"]["remaining"] == 3
     assert limits["requests_per_day"]["used"] == 5
+
+
+async def _admin(port: int, method: str, path: str, body: object = None) -> dict:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(
+            method, f"http://127.0.0.1:{port}{path}", json=body,
+            headers={"Authorization": f"Bearer {KEYS_ADMIN}"},
+        ) as answer,
+    ):  # fmt: skip
+        assert answer.status < 300, await answer.text()
+        return await answer.json()
+
+
+async def _status(port: int, secret: str) -> tuple[int, str | None]:
+    async with openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key=secret, max_retries=0
+    ) as client:
+        try:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        except openai.APIStatusError as exc:
+            return exc.status_code, exc.code
+    return 200, None
+
+
+async def _within_2_s(port: int, secret: str, wanted: int) -> None:
+    started = time.monotonic()
+    while (seen := await _status(port, secret))[0] != wanted:
+        assert time.monotonic() - started < 2.0, f"replica :{port} answers {seen}, not {wanted}"
+        await asyncio.sleep(0.05)
+
+
+KEYS_ADMIN = "mgw-scale-out-admin"
+
+
+async def test_api_keys_and_their_limits_hold_across_replicas_on_postgres_and_redis(
+    replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", KEYS_ADMIN)
+    stack = replicas("{}")
+    one, two, three = stack.ports
+    created = await _admin(
+        one, "POST", "/gateway/keys",
+        {"team": "research", "id": "shared", "limits": {"requests_per_day": 3}},
+    )  # fmt: skip
+    secret = created["key"]
+    for port in (two, three, one):  # each replica's first 200 is one of the key's 3 a day
+        await _within_2_s(port, secret, 200)
+    assert await _status(two, secret) == (429, "insufficient_quota")  # one count in Redis
+    await _admin(three, "PATCH", "/gateway/keys/shared", {"limits": {"requests_per_day": 5}})
+    await _within_2_s(one, secret, 200)  # the 4th, under the new limit everywhere
+    assert await _status(two, secret) == (200, None)
+    assert await _status(three, secret) == (429, "insufficient_quota")
+    await _admin(two, "DELETE", "/gateway/keys/shared")
+    await _within_2_s(one, secret, 401)
+    await _within_2_s(three, secret, 401)
+    assert await _status(one, secret) == (401, "key_revoked")
+    stack.restart(2)
+    assert await _status(three, secret) == (401, "key_revoked")
+    await asyncio.sleep(0.3)  # two flush intervals: every replica's rows are in Postgres
+    rows = [row for row in await stack.ledger() if row[1] == "ok"]
+    assert len(rows) == 5

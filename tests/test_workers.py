@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,9 +61,16 @@ def write_config(tmp_path: Path, upstream_port: int, port: int, limits: str, ext
 
 
 def serve_workers(tmp_path: Path, config: Path, port: int, workers: int) -> subprocess.Popen:
+    """`serve --workers`, once every worker listens (the port answers after the first)."""
     env = {**os.environ, "PT_KEY": "sk-workers-upstream"}
     args = ["serve", "--config", str(config), "--workers", str(workers)]
-    return processes.start_gateway_process(args, port, env, tmp_path / "gateway.log")
+    log = tmp_path / "gateway.log"
+    gateway = processes.start_gateway_process(args, port, env, log)
+    deadline = time.monotonic() + 30
+    while log.read_text().count("metering-gateway listening on") < workers:
+        assert gateway.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return gateway
 
 
 @dataclass

@@ -25,6 +25,7 @@ from gateway.errors import (
     TEAM_NOT_FOUND,
     GatewayError,
 )
+from gateway.front.workers import in_a_group_without_shared_limits
 
 MAX_GRACE_S = 30 * 86400
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -61,7 +62,7 @@ class KeyAdmin:
         now = time.time()
         row = StoredKey(
             id=key_id, team=team, sha256=hash_key(secret).hex(), expires=self.expiry(expires),
-            limits=checked_limits({} if limits is None else limits), created_at=now,
+            limits=checked_limits({} if limits is None else limits, config), created_at=now,
             updated_at=now,
         )  # fmt: skip
         if not await self.store.insert(row):
@@ -102,7 +103,7 @@ class KeyAdmin:
         if set_expires:
             changes["expires"] = self.expiry(expires)
         if set_limits:
-            changes["limits"] = checked_limits(limits)
+            changes["limits"] = checked_limits(limits, self._config())
         updated = later(row, **changes)
         await self.store.update(updated)
         await self._changed()
@@ -190,11 +191,17 @@ def check_id(key_id: Any) -> None:
         )
 
 
-def checked_limits(value: Any) -> dict[str, Any]:
+def checked_limits(value: Any, config: GatewayConfig) -> dict[str, Any]:
     try:
-        parse_limits(value)
+        limits = parse_limits(value)
     except InvalidLimits as error:
         raise invalid(f"Invalid limits: {error}.", "limits") from None
+    if limits.configured() and in_a_group_without_shared_limits(config):
+        raise invalid(
+            "This gateway runs as several worker processes with its limits in each one's "
+            "memory: a key's limits need limits.backend: redis to hold across them.",
+            "limits",
+        )
     return dict(value)
 
 

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import yaml
 
 from gateway.config import checks as check
-from gateway.config.checks import EndpointRule
+from gateway.config.checks import Check, EndpointRule
 from gateway.config.fields import custom, required, section, section_list, section_map, setting
 from gateway.config.prices import read_prices, read_team_prices
 from gateway.config.rules import keys_are_unique, plan_has_its_parameters, port_fits
@@ -209,6 +209,62 @@ class AdminConfig:
     key_env: str = setting("GATEWAY_ADMIN_KEY", check.string, "env var holding the admin key")
 
 
+NOTIFICATION_EVENTS = ("key_expiring", "key_expired", "budget_threshold")
+
+
+def _events(value: object) -> tuple[str, ...]:
+    names = check.string_list(value)
+    unknown = [name for name in names if name not in NOTIFICATION_EVENTS]
+    if unknown:
+        raise ValueError(f"'{unknown[0]}' is not one of {', '.join(NOTIFICATION_EVENTS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _thresholds(value: object) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a list of shares, like [0.5, 0.8, 1.0]")
+    shares = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | float) or not 0 < item <= 1:
+            raise ValueError(f"'{item}' is not a share above 0 and at most 1")
+        shares.append(float(item))
+    return tuple(sorted(set(shares)))
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """`notifications.webhooks[]`: one receiver."""
+
+    url: str = required(check.url, "where events are POSTed")
+    format: str = setting(
+        "json", check.choice("json", "slack"), "`slack`: a Slack incoming-webhook body"
+    )
+    events: tuple[str, ...] = setting(
+        NOTIFICATION_EVENTS, Check("list", _events), "the event types sent here"
+    )
+    secret_env: str | None = setting(
+        None, check.string,
+        "env var holding a secret: header `x-gateway-signature` = hex HMAC-SHA256 of the body",
+        shown="unsigned",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationsConfig:
+    """`notifications`: key expiry reminders and budget alerts to webhooks."""
+
+    check_interval_s: float = setting(
+        3600.0, check.number(positive=True), "how often key expiry and budgets are looked at"
+    )
+    budget_thresholds: tuple[float, ...] = setting(
+        (0.5, 0.8, 1.0), Check("list", _thresholds),
+        "shares of each quota and spend cap that send a `budget_threshold` event once per window",
+    )  # fmt: skip
+    webhooks: tuple[WebhookConfig, ...] = section_list(
+        WebhookConfig, "receivers of the events (none: nothing is sent)", owner=""
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LimitsBackendConfig:
     """`limits`: where limit counters live."""
@@ -260,6 +316,7 @@ class GatewayConfig:
     upstream: UpstreamConfig = section(UpstreamConfig, bare=True)
     storage: StorageConfig = section(StorageConfig, bare=True)
     admin: AdminConfig = section(AdminConfig, bare=True)
+    notifications: NotificationsConfig = section(NotificationsConfig, bare=True)
     pricing: PriceBook = custom(
         read_prices,
         "how calls are priced (see [Prices](#prices)); a path or an inline table mapping: that "

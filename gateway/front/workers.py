@@ -12,6 +12,7 @@ limit, so N workers with limits on the memory backend are refused at start.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -26,8 +27,16 @@ log = logging.getLogger("gateway.workers")
 # A worker that exits this soon after it started failed to start (a port in use, say): the
 # others are stopped instead of restarting it in a loop.
 START_FAILURE_S = 5.0
+WORKERS_ENV = "GATEWAY_WORKERS"  # set in each worker: how many share its port
 RESTART_PAUSE_S = 1.0
 POLL_S = 0.2
+
+
+def in_a_group_without_shared_limits(config: GatewayConfig) -> bool:
+    """This process is one of `--workers N` and its limits are in its own memory."""
+    return (
+        int(os.environ.get(WORKERS_ENV, "1") or 1) > 1 and config.limits_backend.backend != "redis"
+    )
 
 
 def limits_needing_a_shared_store(config: GatewayConfig) -> list[str]:
@@ -77,7 +86,8 @@ class Supervisor:
         return 1 if self.failed else 0
 
     def _start(self, slot: int) -> None:
-        child = subprocess.Popen([*self.command, "--worker-slot", str(slot)])
+        env = {**os.environ, WORKERS_ENV: str(self.workers)}
+        child = subprocess.Popen([*self.command, "--worker-slot", str(slot)], env=env)
         self.children[slot] = (child, time.monotonic())
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:

@@ -24,6 +24,8 @@ from gateway.ledger.writer import (
     _COLUMN_TYPES,
     API_KEY_COLUMN_TYPES,
     COLUMNS,
+    NOTIFICATION_COLUMN_TYPES,
+    NOTIFICATION_INDEXES,
     OBJECT_COLUMN_TYPES,
     OBJECT_INDEXES,
     REQUEST_INDEXES,
@@ -60,6 +62,8 @@ SCHEMA_SQL = [  # SQLite's tables and indexes: same names, same columns
     create_table("objects", OBJECT_COLUMN_TYPES, _column_type),
     *OBJECT_INDEXES,
     create_table("api_keys", API_KEY_COLUMN_TYPES, _column_type),
+    create_table("notifications", NOTIFICATION_COLUMN_TYPES, _column_type),
+    *NOTIFICATION_INDEXES,
     create_table("gateway_schema", VERSION_COLUMN_TYPES, _column_type),
 ]
 # Gateways sharing one database may start together: one creates or upgrades it at a time.

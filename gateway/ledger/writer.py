@@ -161,12 +161,29 @@ API_KEY_COLUMN_TYPES = {
     "previous_until": "REAL",
     "updated_at": "REAL NOT NULL",
 }
+# The notifications outbox (`gateway.notify.outbox`): one row per event and webhook, sent until
+# a 2xx answer; the row's id (the event's id and the webhook's) makes each event once per
+# webhook, whichever replica or restart found it.
+NOTIFICATION_COLUMN_TYPES = {
+    "id": "TEXT PRIMARY KEY",
+    "event_id": "TEXT NOT NULL",
+    "webhook": "TEXT NOT NULL",
+    "body": "TEXT NOT NULL",
+    "created_at": "REAL NOT NULL",
+    "attempts": "INTEGER NOT NULL",
+    "next_attempt_at": "REAL NOT NULL",
+    "delivered_at": "REAL",
+    "last_error": "TEXT",
+}
+NOTIFICATION_INDEXES = [
+    "CREATE INDEX IF NOT EXISTS notifications_due ON notifications (delivered_at, next_attempt_at)"
+]
 # The ledger's schema version, one row of `gateway_schema`. Version 1 is the ledger of the
 # releases that recorded none (no `gateway_schema` table); version 2 added the columns from
-# `cache_write_tokens` on, version 3 `upstream_ms`, version 4 the `api_keys` table (a gateway
-# of an older release would not see the keys issued or revoked there). An older ledger is
-# upgraded in place at start by adding what it lacks; a newer one is refused (this code would
-# not write what its readers expect).
+# `cache_write_tokens` on, version 3 `upstream_ms`, version 4 the `api_keys` and
+# `notifications` tables (a gateway of an older release would not see the keys issued or
+# revoked there). An older ledger is upgraded in place at start by adding what it lacks; a
+# newer one is refused (this code would not write what its readers expect).
 SCHEMA_VERSION = 4
 VERSION_COLUMN_TYPES = {"version": "INTEGER NOT NULL"}
 SCHEMA = [
@@ -175,6 +192,8 @@ SCHEMA = [
     create_table("objects", OBJECT_COLUMN_TYPES),
     *OBJECT_INDEXES,
     create_table("api_keys", API_KEY_COLUMN_TYPES),
+    create_table("notifications", NOTIFICATION_COLUMN_TYPES),
+    *NOTIFICATION_INDEXES,
     create_table("gateway_schema", VERSION_COLUMN_TYPES),
 ]
 WRITE_VERSION = ["DELETE FROM gateway_schema", "INSERT INTO gateway_schema (version) VALUES (?)"]

@@ -29,6 +29,7 @@ from gateway.access.keys import days_left, today_in
 from gateway.config.loader import GatewayConfig
 from gateway.ledger.writer import CallRecord, LedgerWriter
 from gateway.limits.admission import Limiter
+from gateway.notify.notifier import Notifier
 from gateway.pricing.names import base_model_name
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -174,9 +175,11 @@ class GatewayCollector(Collector):
         limiter: Limiter,
         ledger: LedgerWriter,
         in_flight: Callable[[], int],
+        notifier: Notifier | None = None,
     ) -> None:
         self.stats, self.config, self.limiter = stats, config, limiter
         self.ledger, self.in_flight = ledger, in_flight
+        self.notifier = notifier
         stats.model_label = ModelLabels(config)
 
     def collect(self) -> Iterator[Metric]:
@@ -231,7 +234,25 @@ class GatewayCollector(Collector):
                 family.add_metric([team], histogram.family_buckets(), histogram.total)
             yield family
 
+    def _notifications(self) -> Iterator[Metric]:
+        notifier = self.notifier
+        if notifier is None:
+            return
+        yield CounterMetricFamily(
+            "gateway_notifications_sent", "Notifications a webhook acknowledged (2xx)",
+            value=notifier.sent,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "gateway_notifications_failed", "Notification attempts that failed (retried)",
+            value=notifier.failed,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "gateway_notifications_pending", "Notifications in the outbox not yet acknowledged",
+            value=notifier.pending,
+        )  # fmt: skip
+
     def _gauges(self) -> Iterator[Metric]:
+        yield from self._notifications()
         queued = GaugeMetricFamily("gateway_queue_depth", "Calls waiting", labels=["team"])
         for team, queue in self.limiter.queues.items():
             queued.add_metric([team], len(queue))

@@ -135,6 +135,92 @@ function renderTeams(data) {
   $("teams").hidden = false;
 }
 
+// ---------------------------------------------------------------- the admin's keys
+
+async function sendJson(method, path, key, body) {
+  const response = await fetch(path, {
+    method,
+    headers: { Authorization: `Bearer ${key}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const answer = await response.json().catch(() => ({}));
+  return { status: response.status, body: answer };
+}
+
+function failed(result) {
+  return (result.body.error && result.body.error.message) || `HTTP ${result.status}`;
+}
+
+// A button that asks once more before it acts (no dialogs: keyboard and tests alike).
+function confirmingButton(label, confirmLabel, act) {
+  const button = el("button", { type: "button" }, label);
+  button.addEventListener("click", () => {
+    if (button.dataset.armed !== "yes") {
+      button.dataset.armed = "yes";
+      button.textContent = confirmLabel;
+      return;
+    }
+    button.disabled = true;
+    act();
+  });
+  return button;
+}
+
+async function loadKeys(key) {
+  const listed = await getJson("/gateway/keys", key);
+  if (listed.status !== 200) return;
+  const keys = listed.body.data;
+  const teams = [...new Set(keys.map((k) => k.team))].sort();
+  const select = $("issue-team");
+  const chosen = select.value;
+  select.replaceChildren(...teams.map((team) => el("option", { value: team }, team)));
+  if (teams.includes(chosen)) select.value = chosen;
+  $("key-table").querySelector("tbody").replaceChildren(...keys.map((k) => {
+    const actions = el("td", { class: "actions" });
+    if (k.source === "api" && !k.revoked_at) {
+      const renew = el("button", { type: "button", class: "renew" }, "Renew 90 days");
+      renew.addEventListener("click", async () => {
+        const result = await sendJson("PATCH", `/gateway/keys/${encodeURIComponent(k.id)}`, key, { expires: "90d" });
+        setStatus(result.status === 200 ? `Key ${k.id} now expires on ${result.body.expires}.` : failed(result), result.status !== 200);
+        loadKeys(key);
+      });
+      const revoke = confirmingButton("Revoke", "Confirm revoke", async () => {
+        const result = await sendJson("DELETE", `/gateway/keys/${encodeURIComponent(k.id)}`, key);
+        setStatus(result.status === 200 ? `Key ${k.id} is revoked.` : failed(result), result.status !== 200);
+        loadKeys(key);
+      });
+      revoke.classList.add("revoke");
+      actions.append(renew, " ", revoke);
+    } else if (k.source === "config") {
+      actions.append("in the config file");
+    }
+    return el("tr", { "data-key": k.id },
+      el("td", {}, k.id), el("td", {}, k.team), el("td", {}, k.source),
+      el("td", { class: "expires" }, k.expires || "never"),
+      el("td", { class: "revoked" }, k.revoked_at || ""), actions);
+  }));
+  $("keys").hidden = false;
+}
+
+async function issueKey(event) {
+  event.preventDefault();
+  const key = $("key").value.trim();
+  const body = { team: $("issue-team").value };
+  if ($("issue-id").value.trim()) body.id = $("issue-id").value.trim();
+  if ($("issue-expires").value.trim()) body.expires = $("issue-expires").value.trim();
+  const result = await sendJson("POST", "/gateway/keys", key, body);
+  if (result.status !== 201) {
+    setStatus(failed(result), true);
+    return;
+  }
+  $("issued-id").textContent = result.body.id;
+  $("issued-secret").textContent = result.body.key;
+  $("issued").hidden = false;
+  setStatus(`Key ${result.body.id} issued for team ${result.body.team}.`);
+  $("issue-id").value = "";
+  loadKeys(key);
+}
+
 async function load() {
   const key = $("key").value.trim();
   if (!key) return;
@@ -155,6 +241,7 @@ async function load() {
     $("me").hidden = true;
     renderCharts(totalsPerBucket(admin.body.data));
     renderTeams(admin.body.data);
+    await loadKeys(key);
     setStatus("Admin view: every team.");
     return;
   }
@@ -162,6 +249,7 @@ async function load() {
 }
 
 $("login").addEventListener("submit", (event) => { event.preventDefault(); load(); });
+$("issue").addEventListener("submit", issueKey);
 $("width").addEventListener("change", load);
 const saved = sessionStorage.getItem("gateway-key");
 if (saved) { $("key").value = saved; load(); }
