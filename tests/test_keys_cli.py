@@ -5,6 +5,7 @@ restart keeps it."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -104,5 +105,29 @@ def test_the_commands_refuse_unknown_and_config_keys(tmp_path: Path) -> None:
             assert message in done.stderr, (args, done.stderr)
         bad_grace = keys(stack, "rotate", "x", "--grace", "soon")
         assert bad_grace.returncode == 2
+    finally:
+        stack.stop()
+
+
+def test_a_reload_giving_a_config_key_an_api_keys_id_is_refused(tmp_path: Path) -> None:
+    stack = processes.Stack(tmp_path)
+    try:
+        issued = keys(stack, "new", "--store", "--team", "research", "--id", "taken")
+        secret = issued.stdout.splitlines()[0]
+        within_2_s(stack, secret, 200)
+        clash = f"      - id: taken\n        sha256: {processes.sha('another-secret')}\n"
+        stack.write_config(processes.TEAMS + clash)
+        stack.gateway.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "config not reloaded" not in stack.log_text():
+            assert time.monotonic() < deadline, stack.log_text()
+            time.sleep(0.05)
+        written = stack.config.read_text().splitlines()
+        line = next(n for n, text in enumerate(written, 1) if text.strip() == "- id: taken")
+        assert (
+            f"config not reloaded: {stack.config}:{line}: key id 'taken' is held by a key "
+            "issued over the admin API" in stack.log_text()
+        )
+        assert status_of(stack, secret) == 200  # the API key still works
     finally:
         stack.stop()

@@ -217,3 +217,25 @@ async def test_a_receiver_that_hangs_never_slows_a_proxied_call(
     assert len(await gateway.rows()) == 5
     assert gateway.app[NOTIFIER].sent == 0  # still waiting on the receiver
     receiver.hang.set()
+
+
+async def test_the_outbox_on_postgres_sends_each_reminder_once_across_two_replicas(
+    make_gateway: GatewayFactory, receiver: Receiver, postgres_server, monkeypatch
+) -> None:
+    with postgres_server.new_database() as dsn:
+        monkeypatch.setenv("TEST_NOTIFY_PG_DSN", dsn)
+        storage = ("backend: postgres", "dsn_env: TEST_NOTIFY_PG_DSN")
+        one = await make_gateway(extra_yaml=notifications_yaml(receiver), storage_extra=storage)
+        two = await make_gateway(extra_yaml=notifications_yaml(receiver), storage_extra=storage)
+        for gateway in (one, two, one, two):  # both replicas check and deliver, twice
+            await gateway.app[NOTIFIER].check()
+            await gateway.app[NOTIFIER].deliver_due()
+        await settle(one, receiver, 3)
+        await asyncio.sleep(0.2)
+        for gateway in (one, two):
+            await gateway.app[NOTIFIER].deliver_due()
+        assert len(receiver.received) == 3
+        assert sorted(e["type"] for e in receiver.events()) == ["key_expired", "key_expiring"]
+        assert one.app[NOTIFIER].pending == 0 and two.app[NOTIFIER].pending == 0
+        await one.server.close()
+        await two.server.close()

@@ -236,3 +236,4 @@ async def test_the_admin_issues_renews_and_revokes_a_key_in_the_portal(traffic: 
     assert refused.value.code == "key_revoked"
     row = await traffic.row(refused.value.response.headers["x-gateway-request-id"])
     assert (row["status"], row["error_code"]) == (401, "key_revoked")
+    assert (row["team"], row["key_id"]) == ("research", "from-portal")

@@ -553,6 +553,16 @@ async def _status(port: int, secret: str) -> tuple[int, str | None]:
     return 200, None
 
 
+async def _me(port: int, secret: str) -> dict:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"http://127.0.0.1:{port}/gateway/me", headers={"Authorization": f"Bearer {secret}"}
+        ) as answer,
+    ):
+        return await answer.json()
+
+
 async def _within_2_s(port: int, secret: str, wanted: int) -> None:
     started = time.monotonic()
     while (seen := await _status(port, secret))[0] != wanted:
@@ -578,7 +588,12 @@ async def test_api_keys_and_their_limits_hold_across_replicas_on_postgres_and_re
         await _within_2_s(port, secret, 200)
     assert await _status(two, secret) == (429, "insufficient_quota")  # one count in Redis
     await _admin(three, "PATCH", "/gateway/keys/shared", {"limits": {"requests_per_day": 5}})
-    await _within_2_s(one, secret, 200)  # the 4th, under the new limit everywhere
+    for port in (one, two, three):  # the new limit in force everywhere (a read counts nothing)
+        started = time.monotonic()
+        while (await _me(port, secret))["limits"]["requests_per_day"]["limit"] != 5:
+            assert time.monotonic() - started < 2.0, f"replica :{port} still has the old limit"
+            await asyncio.sleep(0.05)
+    assert await _status(one, secret) == (200, None)  # the 4th
     assert await _status(two, secret) == (200, None)
     assert await _status(three, secret) == (429, "insufficient_quota")
     await _admin(two, "DELETE", "/gateway/keys/shared")

@@ -146,15 +146,20 @@ def test_limits_stay_exact_across_workers_through_redis(tmp_path: Path, fake_ups
         assert Counter(row["status"] for row in rows) == {200: 25, 429: 15}
 
 
-def test_workers_with_limits_in_memory_are_refused(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 9, processes.free_port(), "{requests_per_day: 25}", "")
-    done = subprocess.run(
+def serve_two_to_the_end(config: Path) -> subprocess.CompletedProcess[str]:
+    """`serve --workers 2` that is expected to stop by itself."""
+    return subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "2"],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "PT_KEY": "sk-x"},
     )
+
+
+def test_workers_with_limits_in_memory_are_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 9, processes.free_port(), "{requests_per_day: 25}", "")
+    done = serve_two_to_the_end(config)
     assert done.returncode == 1
     assert "--workers 2 needs limits.backend: redis" in done.stderr
     assert "team research" in done.stderr
@@ -163,12 +168,6 @@ def test_workers_with_limits_in_memory_are_refused(tmp_path: Path) -> None:
 def test_a_worker_that_cannot_listen_stops_the_group(tmp_path: Path) -> None:
     with processes.listening_socket() as port:  # taken without SO_REUSEPORT
         config = write_config(tmp_path, 9, port, "{}", "")
-        done = subprocess.run(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "2"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PT_KEY": "sk-x"},
-        )
+        done = serve_two_to_the_end(config)
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in done.stderr

@@ -26,6 +26,16 @@ class Caller:
     days_left: int | None
 
 
+class KeyRevoked(GatewayError):
+    """A key issued over the API and revoked: refused, and its row names the key and team."""
+
+    def __init__(self, team: str, key_id: str) -> None:
+        super().__init__(
+            KEY_REVOKED, f"This gateway key ({key_id}) has been revoked. Ask for a new key."
+        )
+        self.team, self.key_id = team, key_id
+
+
 class Authenticator:
     """The keys in force (`config`'s, API keys merged in by `gateway.access.keyset`), and what
     only the API's keys can be: revoked, or rotated out and still in their grace."""
@@ -54,10 +64,8 @@ class Authenticator:
         if rotated is not None and time.time() < rotated[1]:
             return rotated[0]
         if digest in index.revoked and rotated is None:
-            raise GatewayError(
-                KEY_REVOKED,
-                f"This gateway key ({index.revoked[digest]}) has been revoked. Ask for a new key.",
-            )
+            team, key_id = index.revoked[digest]
+            raise KeyRevoked(team, key_id)
         raise GatewayError(INVALID_API_KEY, "Incorrect API key provided.")
 
 

@@ -45,7 +45,7 @@ def parse_limits(limits: Any) -> Limits:
 
 @dataclass(slots=True)
 class ApiKeyIndex:
-    revoked: dict[bytes, str] = field(default_factory=dict)  # digest → key id
+    revoked: dict[bytes, tuple[str, str]] = field(default_factory=dict)  # digest → (team, id)
     previous: dict[bytes, tuple[KeyConfig, float]] = field(default_factory=dict)
     stored: dict[str, StoredKey] = field(default_factory=dict)  # id → row, revoked included
 
@@ -60,9 +60,9 @@ def with_api_keys(
     added: dict[str, list[KeyConfig]] = {}
     for row in stored:
         if row.revoked_at is not None:
-            index.revoked[bytes.fromhex(row.sha256)] = row.id
+            index.revoked[bytes.fromhex(row.sha256)] = (row.team, row.id)
             if row.previous_sha256:
-                index.revoked[bytes.fromhex(row.previous_sha256)] = row.id
+                index.revoked[bytes.fromhex(row.previous_sha256)] = (row.team, row.id)
             continue
         if row.team not in config.teams or row.id in config_ids:
             log.warning(

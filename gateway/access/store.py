@@ -7,19 +7,17 @@ aggregate) to notice another's change. The rows become `KeyConfig`s in `gateway.
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import orjson
 
 from gateway.config.loader import StorageConfig
+from gateway.ledger.side_tables import PostgresSideTable, SqliteSideTable
 from gateway.ledger.storage import StorageError, postgres_dsn
-from gateway.ledger.writer import API_KEY_COLUMN_TYPES, prepare_database
+from gateway.ledger.writer import API_KEY_COLUMN_TYPES
 
 COLUMNS = tuple(API_KEY_COLUMN_TYPES)
 
@@ -67,6 +65,12 @@ class StoredKey:
         )
 
 
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM api_keys ORDER BY id"
+_MARKER = "SELECT COUNT(*), MAX(updated_at) FROM api_keys"
+_UPDATE = f"UPDATE api_keys SET {', '.join(f'{name} = ?' for name in COLUMNS[1:])} WHERE id = ?"
+_MARKS = ", ".join("?" * len(COLUMNS))
+
+
 class KeyStore:
     async def open(self) -> None:
         raise NotImplementedError
@@ -89,127 +93,60 @@ class KeyStore:
         raise NotImplementedError
 
 
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM api_keys ORDER BY id"
-_MARKER = "SELECT COUNT(*), MAX(updated_at) FROM api_keys"
-_SET = ", ".join(f"{name} = ?" for name in COLUMNS[1:])
+def _update_args(key: StoredKey) -> tuple[Any, ...]:
+    row = key.as_row()
+    return (*row[1:], row[0])
 
 
 class SqliteKeyStore(KeyStore):
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        self.table = SqliteSideTable(path, KeyStoreUnavailable, "api_keys table")
 
     async def open(self) -> None:
-        try:
-            await asyncio.to_thread(prepare_database, self.path)
-            self._db = await aiosqlite.connect(self.path)
-            await self._db.execute("PRAGMA busy_timeout=5000")
-        except (sqlite3.Error, OSError) as exc:
-            await self.close()
-            raise KeyStoreUnavailable(f"api_keys table in {self.path}: {exc}") from None
+        await self.table.open()
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
-
-    def _connection(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise KeyStoreUnavailable("the key store is not open")
-        return self._db
-
-    async def _fetch(self, sql: str) -> list[Any]:
-        db = self._connection()
-        try:
-            async with self._lock, db.execute(sql) as cursor:
-                return list(await cursor.fetchall())
-        except sqlite3.Error as exc:
-            raise KeyStoreUnavailable(f"api_keys table in {self.path}: {exc}") from None
+        await self.table.close()
 
     async def all(self) -> list[StoredKey]:
-        return [StoredKey.from_row(row) for row in await self._fetch(_SELECT)]
+        return [StoredKey.from_row(row) for row in await self.table.fetch(_SELECT)]
 
     async def changes_marker(self) -> tuple[Any, ...]:
-        return tuple((await self._fetch(_MARKER))[0])
+        return tuple((await self.table.fetch(_MARKER))[0])
 
     async def insert(self, key: StoredKey) -> bool:
-        db = self._connection()
-        marks = ", ".join("?" * len(COLUMNS))
-        try:
-            async with self._lock:
-                cursor = await db.execute(
-                    f"INSERT OR IGNORE INTO api_keys ({', '.join(COLUMNS)}) VALUES ({marks})",
-                    key.as_row(),
-                )
-                await db.commit()
-                return cursor.rowcount == 1
-        except sqlite3.Error as exc:
-            raise KeyStoreUnavailable(f"api_keys table in {self.path}: {exc}") from None
+        sql = f"INSERT OR IGNORE INTO api_keys ({', '.join(COLUMNS)}) VALUES ({_MARKS})"
+        return await self.table.change(sql, [key.as_row()]) == 1
 
     async def update(self, key: StoredKey) -> None:
-        db = self._connection()
-        row = key.as_row()
-        try:
-            async with self._lock:
-                await db.execute(f"UPDATE api_keys SET {_SET} WHERE id = ?", (*row[1:], row[0]))
-                await db.commit()
-        except sqlite3.Error as exc:
-            raise KeyStoreUnavailable(f"api_keys table in {self.path}: {exc}") from None
+        await self.table.change(_UPDATE, [_update_args(key)])
 
 
 class PostgresKeyStore(KeyStore):
     def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._pool: Any = None
+        self.table = PostgresSideTable(dsn, KeyStoreUnavailable, "api_keys table")
 
     async def open(self) -> None:
-        import asyncpg
-
-        from gateway.ledger.postgres import create_schema, safe_dsn
-
-        try:
-            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=2, timeout=5)
-            async with self._pool.acquire() as connection:
-                await create_schema(connection, safe_dsn(self._dsn))
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            await self.close()
-            raise KeyStoreUnavailable(f"api_keys table: {exc}") from None
+        await self.table.open()
 
     async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
-
-    async def _run(self, method: str, sql: str, *args: Any) -> Any:
-        import asyncpg
-
-        if self._pool is None:
-            raise KeyStoreUnavailable("the key store is not open")
-        try:
-            return await getattr(self._pool, method)(sql, *args)
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            raise KeyStoreUnavailable(f"api_keys table: {exc}") from None
+        await self.table.close()
 
     async def all(self) -> list[StoredKey]:
-        return [StoredKey.from_row(tuple(row)) for row in await self._run("fetch", _SELECT)]
+        return [StoredKey.from_row(tuple(row)) for row in await self.table.run("fetch", _SELECT)]
 
     async def changes_marker(self) -> tuple[Any, ...]:
-        return tuple(await self._run("fetchrow", _MARKER))
+        return tuple(await self.table.run("fetchrow", _MARKER))
 
     async def insert(self, key: StoredKey) -> bool:
-        marks = ", ".join(f"${n}" for n in range(1, len(COLUMNS) + 1))
-        status = await self._run(
-            "execute",
-            f"INSERT INTO api_keys ({', '.join(COLUMNS)}) VALUES ({marks}) "
-            "ON CONFLICT (id) DO NOTHING",
-            *key.as_row(),
+        sql = (
+            f"INSERT INTO api_keys ({', '.join(COLUMNS)}) VALUES ({_MARKS}) "
+            "ON CONFLICT (id) DO NOTHING"
         )
-        return status.endswith(" 1")
+        return (await self.table.run("execute", sql, *key.as_row())).endswith(" 1")
 
     async def update(self, key: StoredKey) -> None:
-        sets = ", ".join(f"{name} = ${n}" for n, name in enumerate(COLUMNS[1:], start=2))
-        await self._run("execute", f"UPDATE api_keys SET {sets} WHERE id = $1", *key.as_row())
+        await self.table.run("execute", _UPDATE, *_update_args(key))
 
 
 def make_key_store(storage: StorageConfig) -> KeyStore:

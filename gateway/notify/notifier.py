@@ -192,4 +192,3 @@ class Notifier:
 def _host(url: str) -> str:
     """The receiver, without a path that may hold a token (Slack's does)."""
     return url.split("//", 1)[-1].split("/", 1)[0]
-

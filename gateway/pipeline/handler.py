@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.access.auth import (
     Authenticator,
+    KeyRevoked,
     authorize_endpoint,
     authorize_model,
     ensure_not_expired,
@@ -159,9 +160,13 @@ class Pipeline:
         request = call.request
         api_path, call.target = canonical_target(request)
         call.record.path = "/v1" + api_path
-        caller = self.authenticator.authenticate(
-            request.headers.get("Authorization"), today_in(self.config.limits_timezone)
-        )
+        try:
+            caller = self.authenticator.authenticate(
+                request.headers.get("Authorization"), today_in(self.config.limits_timezone)
+            )
+        except KeyRevoked as revoked:
+            call.record.team, call.record.key_id = revoked.team, revoked.key_id
+            raise
         call.caller = caller
         call.record.team, call.record.key_id = caller.team.name, caller.key.id
         ensure_not_expired(caller)
