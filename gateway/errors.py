@@ -43,9 +43,6 @@ REQUEST_TOO_LARGE = ErrorKind(413, "invalid_request_error", "request_too_large",
 INVALID_JSON = ErrorKind(400, "invalid_request_error", "invalid_json", Outcome.REJECTED)
 MODEL_NOT_PRICED = ErrorKind(400, "invalid_request_error", "model_not_priced", Outcome.REJECTED)
 INVALID_REQUEST = ErrorKind(400, "invalid_request_error", "invalid_request", Outcome.REJECTED)
-UNSUPPORTED_CONTENT_TYPE = ErrorKind(
-    400, "invalid_request_error", "unsupported_content_type", Outcome.REJECTED
-)
 UNSUPPORTED_CONTENT_ENCODING = ErrorKind(
     415, "invalid_request_error", "unsupported_content_encoding", Outcome.REJECTED
 )

@@ -41,9 +41,10 @@ def relay(budget: StreamBudget, pieces: Iterable[bytes]) -> tuple[bytes, bool]:
     try:
         for piece in pieces:
             out.append(budget.feed(piece))
+        out.append(budget.finish())  # as the relay's flush: it may cut too
     except StopRelay as stop:
         return b"".join(out) + stop.final, True
-    return b"".join(out) + budget.finish(), False
+    return b"".join(out), False
 
 
 def chunk(text: str | None) -> bytes:
@@ -221,11 +222,12 @@ def test_a_crlf_stream_is_cut_between_its_events():
     assert budget.delivered_tokens() == 5
 
 
-def test_a_cr_only_stream_is_held_to_its_end_and_never_counted():
-    # not yet: CR-only line endings are not recognised as event ends: the stream is held until
-    # the body ends, then passed on whole, uncounted and never cut.
-    stream = b"".join(e.replace(b"\n\n", b"\r\r") for e in SEVERAL)
-    budget = StreamBudget(MODEL, 0)
-    assert budget.feed(stream) == b""
-    assert budget.finish() == stream
-    assert (budget.counted, budget.cut) == (0, False)
+def test_a_cr_only_stream_is_counted_and_cut_between_its_events_like_any_other():
+    events = [e.replace(b"\n\n", b"\r\r") for e in SEVERAL]
+    whole = b"".join(events) + b"data: [DONE]\r\r"
+    budget = StreamBudget(MODEL, 100)
+    assert relay(budget, [whole]) == (whole, False)
+    assert budget.delivered_tokens() == 7
+    budget = StreamBudget(MODEL, 5)
+    assert relay(budget, [b"".join(events)]) == (events[0] + events[1] + CUT, True)
+    assert budget.delivered_tokens() == 5

@@ -182,28 +182,78 @@ def test_crlf_events_are_stripped_the_same_way_at_every_split_point():
         assert strip(pieces) == client_view, pieces
 
 
-def test_a_cr_only_stream_is_held_until_finish_and_keeps_its_usage_chunk():
-    # not yet: CR-only line endings (`\r\r` between events) are not recognised as event ends:
-    # the whole stream is held until the body ends, and the usage-only chunk reaches the client
-    # (only the `,"usage":null` keys are removed, by `finish`).
-    upstream = stream(ROLE, STOP, USAGE, DONE, end=b"\r\r")
+LINE_ENDS = [b"\n", b"\r\n", b"\r"]
+
+
+def framed(events: list[bytes], line_end: bytes) -> bytes:
+    return b"".join(event + line_end * 2 for event in events)
+
+
+@pytest.mark.parametrize("line_end", LINE_ENDS, ids=["lf", "crlf", "cr"])
+def test_every_line_end_the_sse_standard_allows_is_stripped_at_every_split_point(
+    line_end: bytes,
+):
+    upstream = framed([ROLE, TEXT, STOP, USAGE, DONE], line_end)
+    client_view = framed([ROLE_SEEN, TEXT_SEEN, STOP_SEEN, DONE], line_end)
+    assert strip(byte_by_byte(upstream)) == client_view
     for pieces in every_split(upstream):
-        stripper = UsageChunkStripper()
-        assert [stripper.feed(piece) for piece in pieces] == [b"", b""]
-        assert stripper.finish() == stream(ROLE_SEEN, STOP_SEEN, USAGE, DONE, end=b"\r\r")
+        assert strip(pieces) == client_view, pieces
 
 
-def test_spaced_json_passes_unchanged():
-    # not yet: JSON with spaces after its colons and commas (`"usage": null`, `"usage": {`) is
-    # not recognised: such a stream passes byte for byte, its usage chunk included.
-    spaced = stream(
-        b'data: {"id": "c1", "choices": [{"index": 0, "delta": {"content": "Hi"}}], "usage": null}',
-        b'data: {"id": "c1", "choices": [], "usage": {"prompt_tokens": 9, '
-        b'"completion_tokens": 3, "total_tokens": 12}}',
-        DONE,
+def test_mixed_line_ends_within_one_stream_are_each_an_event_end():
+    upstream = ROLE + b"\r\n\n" + STOP + b"\n\r\n" + USAGE + b"\r\r" + DONE + b"\n\r"
+    client_view = ROLE_SEEN + b"\r\n\n" + STOP_SEEN + b"\n\r\n" + DONE + b"\n\r"
+    for pieces in every_split(upstream):
+        assert strip(pieces) == client_view, pieces
+
+
+def _chunk(separators: tuple[str, str], **fields: object) -> bytes:
+    return b"data: " + json.dumps(fields, separators=separators).encode()
+
+
+# Python's default separators (`, ` and `: `), and a wider spacing some servers write.
+SPACINGS = [(", ", ": "), (" , ", " : ")]
+
+
+@pytest.mark.parametrize("separators", SPACINGS, ids=["python", "wide"])
+@pytest.mark.parametrize("line_end", LINE_ENDS, ids=["lf", "crlf", "cr"])
+def test_spaced_json_loses_its_usage_chunk_and_nulls_and_nothing_else(
+    separators: tuple[str, str], line_end: bytes
+):
+    choice = {"index": 0, "delta": {"content": 'a "usage": null inside'}, "finish_reason": None}
+    usage = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+    upstream = framed(
+        [
+            _chunk(separators, id="c1", choices=[choice], usage=None),
+            _chunk(separators, id="c1", choices=[choice], usage=None, obfuscation="x1"),
+            _chunk(separators, usage=None, id="c1", choices=[choice]),
+            _chunk(separators, id="c1", choices=[], usage=usage),
+            DONE,
+        ],
+        line_end,
     )
-    for pieces in every_split(spaced):
-        assert strip(pieces) == spaced
+    client_view = framed(
+        [
+            _chunk(separators, id="c1", choices=[choice]),
+            _chunk(separators, id="c1", choices=[choice], obfuscation="x1"),
+            _chunk(separators, id="c1", choices=[choice]),
+            DONE,
+        ],
+        line_end,
+    )
+    assert strip([upstream]) == client_view
+    for pieces in every_split(upstream):
+        assert strip(pieces) == client_view, pieces
+
+
+def test_a_usage_the_client_sees_in_a_chunk_with_choices_is_kept_whatever_the_spacing():
+    both = _chunk(SPACINGS[0], id="c1", choices=[{"index": 0}], usage={"total_tokens": 1})
+    assert strip([framed([both, DONE], b"\n")]) == framed([both, DONE], b"\n")
+
+
+def test_an_event_that_is_not_json_is_passed_on_as_it_is():
+    odd = b'data: {"usage": null, broken'
+    assert strip([framed([odd, DONE], b"\n")]) == framed([odd, DONE], b"\n")
 
 
 def client_view_of(body: bytes) -> bytes:

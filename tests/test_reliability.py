@@ -534,35 +534,56 @@ async def test_huge_headers_are_refused_by_the_parser(
     assert api_calls(fake) == [] and await gateway.rows() == []
 
 
-@pytest.mark.parametrize(
-    ("key", "content_type", "body"),
-    [
-        (RESEARCH_KEY, "text/plain", CHAT),
-        (RESEARCH_KEY, "application/x-www-form-urlencoded", CHAT),
-        (RESEARCH_KEY, None, CHAT),
-        (RESEARCH_KEY, "application/octet-stream", CHAT),
-        # a model outside the product team's allow-list, hidden in a mislabelled body
-        (PRODUCT_KEY, "text/plain", {**CHAT, "model": "gpt-4o"}),
-    ],
-)
-async def test_json_endpoint_refuses_a_body_labelled_otherwise(
-    gateway: Gateway, fake: Fake, key: str, content_type: str | None, body: dict
-):
-    data = orjson.dumps(body)
+def _labelled(key: str, content_type: str | None, data: bytes) -> bytes:
     headers = [f"Authorization: Bearer {key}", f"Content-Length: {len(data)}"]
     if content_type:
         headers.append(f"Content-Type: {content_type}")
-    answer = await raw_request(gateway, head_of("POST", "/v1/chat/completions", *headers) + data)
-    assert answer.status == 400
-    error = orjson.loads(answer.body)["error"]
-    assert (error["code"], error["type"]) == ("unsupported_content_type", "invalid_request_error")
-    shown = content_type or "application/octet-stream"
-    assert error["message"].startswith(f"Unsupported content type: '{shown}'.")
+    return head_of("POST", "/v1/chat/completions", *headers) + data
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", None, "application/octet-stream"],
+)
+async def test_a_json_endpoint_reads_its_body_as_json_whatever_its_label(
+    gateway: Gateway, fake: Fake, content_type: str | None
+):
+    data = orjson.dumps(CHAT)
+    answer = await raw_request(gateway, _labelled(RESEARCH_KEY, content_type, data))
+    assert answer.status == 200
     row = await gateway.row(answer.headers["x-gateway-request-id"])
-    team = "product" if key == PRODUCT_KEY else "research"
-    assert (row["status"], row["outcome"], row["error_code"], row["team"]) == (
-        400, "rejected", "unsupported_content_type", team,
+    assert (row["status"], row["outcome"], row["model"], row["request_bytes"]) == (
+        200, "ok", "gpt-4o-mini", len(data),
     )  # fmt: skip
+    assert row["input_tokens"] > 0 and row["tokens_estimated"] == 0  # the upstream's usage
+    [sent] = api_calls(fake)
+    assert orjson.loads(sent.body) == CHAT
+
+
+async def test_a_model_hidden_in_a_mislabelled_body_is_still_refused(gateway: Gateway, fake: Fake):
+    data = orjson.dumps({**CHAT, "model": "gpt-4o"})  # outside the product team's allow-list
+    answer = await raw_request(gateway, _labelled(PRODUCT_KEY, "text/plain", data))
+    assert answer.status == 403
+    assert orjson.loads(answer.body)["error"]["code"] == "model_not_allowed"
+    row = await gateway.row(answer.headers["x-gateway-request-id"])
+    assert (row["status"], row["team"], row["model"]) == (403, "product", "gpt-4o")
+    assert api_calls(fake) == []
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data"),
+    [("application/x-www-form-urlencoded", b"model=gpt-4o-mini"),
+     ("multipart/form-data; boundary=XX", b'--XX\r\nContent-Disposition: form-data; name="model"'
+      b"\r\n\r\ngpt-4o-mini\r\n--XX--\r\n")],
+)  # fmt: skip
+async def test_a_json_endpoints_body_that_is_not_json_is_400_invalid_json(
+    gateway: Gateway, fake: Fake, content_type: str, data: bytes
+):
+    answer = await raw_request(gateway, _labelled(RESEARCH_KEY, content_type, data))
+    assert answer.status == 400
+    assert orjson.loads(answer.body)["error"]["code"] == "invalid_json"
+    row = await gateway.row(answer.headers["x-gateway-request-id"])
+    assert (row["status"], row["outcome"], row["error_code"]) == (400, "rejected", "invalid_json")
     assert api_calls(fake) == []
 
 
@@ -1000,3 +1021,41 @@ def test_upstream_key_never_reaches_clients_logs_errors_or_the_ledger(tmp_path: 
         assert processes.UPSTREAM_KEY.encode() not in haystack
     for haystack in [log, *ledger_files]:
         assert processes.KEY.encode() not in haystack and b"mgw-wrong" not in haystack
+
+
+def _spaced_stream(line_end: bytes) -> bytes:
+    """What an OpenAI-compatible upstream written in Python sends for a stream whose client
+    asked for usage: `json.dumps` defaults (`, ` and `: `), in events ended by `line_end`."""
+    chunks = [
+        {"id": "c1", "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": word}, "finish_reason": None}
+        ], "usage": None}
+        for word in ("Hello", " there")
+    ]  # fmt: skip
+    usage = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+    chunks.append({"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": usage})
+    body = b"".join(b"data: " + json.dumps(c).encode() + line_end * 2 for c in chunks)
+    return body + b"data: [DONE]" + line_end * 2
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+async def test_a_spaced_json_upstreams_usage_chunk_never_reaches_a_client_that_did_not_ask(
+    make_gateway: GatewayFactory, line_end: bytes
+):
+    body = _spaced_stream(line_end)
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+    )
+    async with ScriptedUpstream(answer) as upstream:
+        gateway = await make_gateway(upstream_url=upstream.base_url)
+        stream = await gateway.client().chat.completions.create(**CHAT, stream=True)
+        words = [chunk.choices[0].delta.content async for chunk in stream]  # no IndexError
+        assert words == ["Hello", " there"]
+        [sent] = upstream.requests
+        assert b'"stream_options":{"include_usage":true}' in sent  # the gateway asked for it
+    [row] = await gateway.rows()
+    assert (row["input_tokens"], row["output_tokens"], row["tokens_estimated"]) == (9, 2, 0)
+    kept = [e for e in body.split(line_end * 2) if e and b'"choices": []' not in e]
+    expected = b"".join(e.replace(b', "usage": null', b"") + line_end * 2 for e in kept)
+    assert row["response_bytes"] == len(expected)  # what the client was sent

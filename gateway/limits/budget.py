@@ -68,6 +68,9 @@ class StreamBudget:
             self._held = data
             return b""
         complete, self._held = data[:end], data[end:]
+        return self._pass(complete)
+
+    def _pass(self, complete: bytes) -> bytes:
         passed = []
         for event in split_events(complete):
             if not event.strip():
@@ -83,8 +86,9 @@ class StreamBudget:
         return b"".join(passed)
 
     def finish(self) -> bytes:
+        """The rest, counted like any event (a stream may end without a blank line)."""
         held, self._held = self._held, b""
-        return held
+        return self._pass(held) if held else b""
 
     def delivered_tokens(self) -> int:
         """Exact count of the text the client received (one pass over all of it)."""

@@ -9,19 +9,45 @@ from __future__ import annotations
 
 import re
 
+import orjson
+
 _MAX_HELD_EVENT = 1 << 20
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
+# A line ends with CRLF, LF or a CR alone (the SSE standard's three); an event ends with an empty
+# line, so with two line ends in a row. A CR alone at the very end of what has arrived may be
+# the first half of a CRLF: `last_event_end` does not count on it.
+_LINE_END = rb"(?:\r\n|\r(?!\n)|\n)"
+_EVENT_END = re.compile(_LINE_END + _LINE_END)
+_LINE_SPLIT = re.compile(rb"\r\n|\r|\n")
 
 
 def last_event_end(data: bytes) -> int:
     """Where the last whole event of `data` ends (after its blank line); -1: none ends."""
-    lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf != -1 else -1, crlf + 4 if crlf != -1 else -1)
+    if data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n"):
+        return len(data)  # a read that ends with an event, as most do
+    tail = max(data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n"), data.rfind(b"\r\r"),
+               data.rfind(b"\n\r\n"), data.rfind(b"\r\n\n"), data.rfind(b"\n\r"))  # fmt: skip
+    if tail == -1:
+        return -1
+    end = -1
+    # The last blank line starts at or a byte or two before the last pair found: match there.
+    for found in _EVENT_END.finditer(data, max(0, tail - 2)):
+        if found.end() == len(data) and data.endswith(b"\r"):
+            break  # perhaps half of a CRLF: the event may end a byte later
+        end = found.end()
+    return end if end != -1 else _last_event_end_slow(data)
+
+
+def _last_event_end_slow(data: bytes) -> int:
+    end = -1
+    for found in _EVENT_END.finditer(data):
+        if found.end() == len(data) and data.endswith(b"\r"):
+            break
+        end = found.end()
+    return end
 
 
 def split_events(data: bytes) -> list[bytes]:
-    """SSE events, each with the blank line that ended it (LF or CRLF), as sent."""
+    """SSE events, each with the blank line that ended it (whatever its line ends), as sent."""
     events, start = [], 0
     for end in _EVENT_END.finditer(data):
         events.append(data[start : end.end()])
@@ -33,54 +59,40 @@ def split_events(data: bytes) -> list[bytes]:
 
 def event_start(data: bytes, position: int) -> int:
     """Where the SSE event holding `position` starts: after the blank line before it (or at
-    0). Walks back a line at a time, as a one-byte rfind is a memrchr."""
-    i = position
-    while (i := data.rfind(b"\n", 0, i)) > 0:
-        before = data[i - 1]
-        if before == 10 or (before == 13 and i >= 3 and data[i - 3 : i - 1] == b"\r\n"):
-            return i + 1
-    return 0
+    0)."""
+    start = 0
+    for found in _EVENT_END.finditer(data, 0, position):
+        start = found.end()
+    return start
 
 
 def event_end(data: bytes, position: int) -> int:
     """Where the SSE event holding `position` ends: after its blank line (or at the end)."""
-    i = position
-    while (i := data.find(b"\n", i)) != -1:
-        i += 1
-        after = data[i : i + 1]
-        if after == b"\n":
-            return i + 1
-        if after == b"\r" and data[i - 2 : i - 1] == b"\r" and data[i + 1 : i + 2] == b"\n":
-            return i + 2
-    return len(data)
+    found = _EVENT_END.search(data, position)
+    return found.end() if found else len(data)
 
 
 def event_data(data: bytes, start: int, end: int) -> bytes:
     """The `data:` lines of the SSE event at data[start:end], joined as the SSE spec joins
     them (one leading space dropped, lines joined by LF)."""
     lines = []
-    while start < end:
-        line_end = data.find(b"\n", start, end)
-        if line_end == -1:
-            line_end = end
-        next_line = line_end + 1
-        if line_end > start and data[line_end - 1] == 13:
-            line_end -= 1
-        if data.startswith(b"data:", start, line_end):
-            value = start + 5
-            if data.startswith(b" ", value, line_end):
-                value += 1
-            lines.append(data[value:line_end])
-        start = next_line
+    for line in _LINE_SPLIT.split(data[start:end]):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
     return lines[0] if len(lines) == 1 else b"\n".join(lines)
 
 
 class UsageChunkStripper:
     """For streams where the gateway asked for usage and the client did not.
 
-    OpenAI then adds `"usage":null` as the last key of every chunk and one usage-only chunk
-    before `[DONE]`. Both are removed so the client sees what it would have seen directly.
-    Only whole events are forwarded, so a chunk split across reads is never half-edited.
+    The upstream then adds `"usage": null` to every chunk and sends one usage-only chunk
+    (`"choices": []`) before `[DONE]`. Both are removed so the client sees what it would have
+    seen directly. Only whole events are forwarded (whatever their line ends), so a chunk split
+    across reads is never half-edited, and each is decided on its own: OpenAI's compact
+    `,"usage":null` by a byte search, anything else by parsing the events that name a usage.
+    Nothing else is ever changed: an edit is kept only if the event's JSON, parsed again, is
+    the original without its `usage`.
     """
 
     NULL_USAGE = b',"usage":null'
@@ -94,25 +106,64 @@ class UsageChunkStripper:
         if end == -1:
             if len(data) > _MAX_HELD_EVENT:
                 self._held = b""
-                return data
+                return _without_null_usage(data)
             self._held = data
             return b""
         complete, self._held = data[:end], data[end:]
-        if b'"usage":{' in complete:
-            complete = _without_usage_event(complete)
-        return complete.replace(self.NULL_USAGE, b"")
+        return _stripped(complete)
 
     def finish(self) -> bytes:
         held, self._held = self._held, b""
-        return held.replace(self.NULL_USAGE, b"")
+        return _stripped(held) if held else b""
 
 
-def _without_usage_event(events: bytes) -> bytes:
-    """Without the usage-only chunk (`"choices":[]`): the last event that has a usage."""
-    parts = split_events(events)
-    for index in range(len(parts) - 1, -1, -1):
-        if b'"usage":{' in parts[index]:
-            if b'"choices":[]' not in parts[index]:
-                return events
-            return b"".join(parts[:index] + parts[index + 1 :])
-    return events
+def _stripped(events: bytes) -> bytes:
+    if b'"usage"' not in events:
+        return events
+    nulls = events.count(UsageChunkStripper.NULL_USAGE)
+    if nulls == events.count(b'"usage"') and b'"choices":[]' not in events:
+        # OpenAI's chunks, compact: each usage is a `,"usage":null` member, none the usage-only
+        # chunk; no event needs looking at on its own.
+        return events.replace(UsageChunkStripper.NULL_USAGE, b"") if nulls else events
+    kept = []
+    for event in split_events(events):
+        cleaned = _cleaned(event)
+        if cleaned is not None:
+            kept.append(cleaned)
+    return b"".join(kept)
+
+
+_NULL_MEMBER = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
+
+
+def _cleaned(event: bytes) -> bytes | None:
+    """The event without its `"usage": null`, or None for the usage-only chunk."""
+    if b'"usage"' not in event:
+        return event
+    if event.count(b'"usage"') == 1 and b'"usage":null' in event and b'"choices":[]' not in event:
+        return _without_null_usage(event)  # OpenAI's compact chunk: no parse needed
+    data = event_data(event, 0, len(event))
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return event
+    if not isinstance(chunk, dict) or "usage" not in chunk:
+        return event
+    usage = chunk["usage"]
+    if isinstance(usage, dict) and chunk.get("choices") == []:
+        return None
+    if usage is not None:
+        return event
+    expected = {key: value for key, value in chunk.items() if key != "usage"}
+    for member in reversed(list(_NULL_MEMBER.finditer(event))):
+        edited = event[: member.start()] + event[member.end() :]
+        try:
+            if orjson.loads(event_data(edited, 0, len(edited))) == expected:
+                return edited
+        except orjson.JSONDecodeError:
+            continue
+    return event
+
+
+def _without_null_usage(data: bytes) -> bytes:
+    return data.replace(UsageChunkStripper.NULL_USAGE, b"")

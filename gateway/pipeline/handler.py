@@ -58,6 +58,7 @@ from gateway.pipeline.call import (
 from gateway.pipeline.forwarding import Forwarder
 from gateway.pipeline.intake import canonical_target, unknown_url
 from gateway.pipeline.reading import (
+    JSON_ONLY_PATHS,
     Outgoing,
     is_json,
     read_json,
@@ -189,7 +190,9 @@ class Pipeline:
         if call.objects is not None and call.objects.action == "list":
             call.facts = RequestFacts(api_path=api_path)
             return None
-        if is_json(call.request):
+        if is_json(call.request) or api_path in JSON_ONLY_PATHS:
+            # A JSON-only endpoint's body is read as JSON whatever its label says, as the
+            # upstream reads it: the allow-list and the metering see its model either way.
             call.outgoing = with_usage_requested(call, await read_json(call, api_path, max_body))
         else:
             assert call.caller is not None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.errors import REQUEST_TOO_LARGE, UNSUPPORTED_CONTENT_TYPE, GatewayError
+from gateway.errors import REQUEST_TOO_LARGE, GatewayError
 from gateway.metering.requests import (
     RequestFacts,
     inject_include_usage,
@@ -30,8 +30,8 @@ from gateway.pipeline.intake import (
 from gateway.pipeline.multipart import MultipartModelParser
 from gateway.upstream.forward import stream_request_body
 
-# Endpoints that take only JSON: a body labelled otherwise could hide its model from the
-# allow-list and its tokens from the limits, so it is refused as OpenAI itself refuses it.
+# Endpoints that take only JSON: their body is read as JSON whatever its Content-Type says (a
+# label could otherwise hide its model from the allow-list and its tokens from the limits).
 JSON_ONLY_PATHS = frozenset(
     {
         "/chat/completions",
@@ -122,12 +122,6 @@ def read_streamed(
     facts = call.facts = RequestFacts(api_path=api_path)
     if not request.body_exists:
         return Outgoing(None, None)
-    if api_path in JSON_ONLY_PATHS:
-        raise GatewayError(
-            UNSUPPORTED_CONTENT_TYPE,
-            f"Unsupported content type: '{request.content_type}'. /v1{api_path} only "
-            "accepts 'application/json' requests.",
-        )
     fields = (
         MultipartModelParser(request.headers.get("Content-Type", ""))
         if request.content_type.startswith("multipart/")
