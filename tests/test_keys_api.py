@@ -157,11 +157,12 @@ async def test_a_rotation_keeps_the_old_secret_for_its_grace_only(gateway: Gatew
 async def test_a_revoked_key_is_refused_as_revoked_and_stays_listed(gateway: Gateway) -> None:
     _, created = await call(gateway, "POST", "/gateway/keys", {"team": "research", "id": "gone"})
     secret = created["key"]
-    await call(gateway, "POST", "/gateway/keys/gone/rotate", {"grace_s": 600})
+    _, rotated = await call(gateway, "POST", "/gateway/keys/gone/rotate", {"grace_s": 600})
     assert await chat(gateway, secret) == 200  # in its grace
     status, revoked = await call(gateway, "DELETE", "/gateway/keys/gone")
     assert (status, revoked) == (200, {"id": "gone", "revoked": True})
-    assert await chat_error(gateway, secret) == (401, "key_revoked")  # revoking ends a grace
+    assert await chat_error(gateway, rotated["key"]) == (401, "key_revoked")
+    assert await chat_error(gateway, secret) == (401, "invalid_api_key")  # its grace ended
     _, listed = await call(gateway, "GET", "/gateway/keys?team=research")
     [gone] = [k for k in listed["data"] if k["id"] == "gone"]
     assert gone["revoked_at"] is not None

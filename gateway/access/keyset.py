@@ -60,9 +60,9 @@ def with_api_keys(
     added: dict[str, list[KeyConfig]] = {}
     for row in stored:
         if row.revoked_at is not None:
+            # Its current secret is refused as revoked; a rotated-out one was already on its
+            # way out, and revoking ends its grace: it is unknown (SPEC).
             index.revoked[bytes.fromhex(row.sha256)] = (row.team, row.id)
-            if row.previous_sha256:
-                index.revoked[bytes.fromhex(row.previous_sha256)] = (row.team, row.id)
             continue
         if row.team not in config.teams or row.id in config_ids:
             log.warning(
