@@ -980,7 +980,7 @@ def test_upstream_key_never_reaches_clients_logs_errors_or_the_ledger(tmp_path: 
         ("GET", "/v1/models", auth, None),
         ("POST", "/v1/chat/completions", {"Authorization": "Bearer mgw-wrong", **json_type}, chat),
         ("POST", "/v1/chat/completions", {**auth, **json_type}, b"{not json"),
-        ("POST", "/v1/chat/completions", {**auth, "Content-Type": "text/plain"}, chat),
+        ("POST", "/v1/chat/completions", {**auth, "Content-Type": "text/plain"}, b"model=x"),
         ("POST", "/v1/chat/completions", {**auth, **json_type, "x-fake-fault": "status=500"}, chat),
         ("POST", "/v1/chat/completions",
          {**auth, **json_type, "x-fake-fault": "status=429; retry_after=3"}, chat),
