@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.helpers import parse_content_type
 from aiohttp.http import HttpVersion11
+from aiohttp.http_writer import _serialize_headers as serialize_head  # C where built
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 from yarl import URL
 
@@ -145,22 +146,6 @@ class LeanRequest:
         signal = self.app.on_response_prepare
         if signal:
             await signal.send(self, response)
-
-
-def _serialize_head(status_line: str, headers: CIMultiDict[str]) -> bytes:
-    parts = [status_line]
-    for name, value in headers.items():
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-            raise ValueError("a header name or value with a line break")
-        parts.append(f"{name}: {value}")
-    parts.append("\r\n")
-    return "\r\n".join(parts).encode("utf-8")
-
-
-try:  # aiohttp's own serializer, in C (the same bytes, and the same refusal of line breaks)
-    from aiohttp.http_writer import _serialize_headers as serialize_head
-except ImportError:  # pragma: no cover - another aiohttp build
-    serialize_head = _serialize_head
 
 
 class ResponseWriter:

@@ -118,10 +118,6 @@ class FrontProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     @property
-    def idle(self) -> bool:
-        return self._task is None
-
-    @property
     def task(self) -> asyncio.Task[None] | None:
         return self._task
 

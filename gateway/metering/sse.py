@@ -24,24 +24,19 @@ def last_event_end(data: bytes) -> int:
     """Where the last whole event of `data` ends (after its blank line); -1: none ends."""
     if data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n"):
         return len(data)  # a read that ends with an event, as most do
-    tail = max(data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n"), data.rfind(b"\r\r"),
-               data.rfind(b"\n\r\n"), data.rfind(b"\r\n\n"), data.rfind(b"\n\r"))  # fmt: skip
+    # Every blank line holds one of these pairs, and starts at most a byte before it.
+    tail = max(data.rfind(b"\n\n"), data.rfind(b"\r\r"), data.rfind(b"\n\r"))
     if tail == -1:
         return -1
+    end = _last_end_from(data, max(0, tail - 1))
+    return end if end != -1 or tail <= 1 else _last_end_from(data, 0)
+
+
+def _last_end_from(data: bytes, start: int) -> int:
     end = -1
-    # The last blank line starts at or a byte or two before the last pair found: match there.
-    for found in _EVENT_END.finditer(data, max(0, tail - 2)):
+    for found in _EVENT_END.finditer(data, start):
         if found.end() == len(data) and data.endswith(b"\r"):
             break  # perhaps half of a CRLF: the event may end a byte later
-        end = found.end()
-    return end if end != -1 else _last_event_end_slow(data)
-
-
-def _last_event_end_slow(data: bytes) -> int:
-    end = -1
-    for found in _EVENT_END.finditer(data):
-        if found.end() == len(data) and data.endswith(b"\r"):
-            break
         end = found.end()
     return end
 

@@ -71,7 +71,7 @@ class UsageApi:
         try:
             caller = _key_holder(config, self._authenticator(), request)
         except GatewayError as error:
-            return _error(error)
+            return error_response(error)
         await self.flush()
         return web.json_response(await self._me_document(config, caller))
 
@@ -109,7 +109,7 @@ class UsageApi:
             await self.flush()
             page = await bucket_page(self.ledger, query, limits=BUCKET_LIMITS["1m"])
         except (GatewayError, QueryError) as error:
-            return _error(error)
+            return error_response(error)
         data = []
         for bucket in page.buckets:
             sums = bucket.groups[0] if bucket.groups else {}
@@ -142,7 +142,7 @@ class UsageApi:
             await self.flush()
             page = await bucket_page(self.ledger, query, percentiles=True)
         except (GatewayError, QueryError) as error:
-            return _error(error)
+            return error_response(error)
         data = []
         for bucket in page.buckets:
             results = []
@@ -176,7 +176,7 @@ class UsageApi:
             await self.flush()
             page = await bucket_page(self.ledger, query)
         except (GatewayError, QueryError) as error:
-            return _error(error)
+            return error_response(error)
         return web.json_response(_openai_page(page, requested, _completion_result))
 
     async def openai_costs(self, request: web.Request) -> web.Response:
@@ -189,7 +189,7 @@ class UsageApi:
             await self.flush()
             page = await bucket_page(self.ledger, query, limits=(7, 180))
         except (GatewayError, QueryError) as error:
-            return _error(error)
+            return error_response(error)
         currency = self._config().pricing.currency.lower()
         return web.json_response(
             _openai_page(page, query.group_by, lambda g, by: _cost_result(g, by, currency))
@@ -255,10 +255,6 @@ def check_admin(config: GatewayConfig, request: web.Request) -> None:
     presented = bearer_secret(request.headers.get("Authorization")) or ""
     if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
         raise GatewayError(ADMIN_UNAUTHORIZED, "This endpoint needs the gateway's admin key.")
-
-
-def error_response(error: GatewayError | QueryError) -> web.Response:
-    return _error(error)
 
 
 def _rename(group: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
@@ -337,7 +333,7 @@ def _usd(nanousd: int) -> float:
     return nanousd / 1e9
 
 
-def _error(error: GatewayError | QueryError) -> web.Response:
+def error_response(error: GatewayError | QueryError) -> web.Response:
     if isinstance(error, QueryError):
         body = error_body(INVALID_REQUEST, str(error), error.param)
         return web.Response(status=400, body=body, content_type="application/json")
