@@ -17,6 +17,8 @@ from aiohttp import web
 from gateway.access.keyset import with_api_keys
 from gateway.access.store import StoredKey, make_key_store
 from gateway.access.sync import KeySync
+from gateway.batches.store import make_batch_store
+from gateway.batches.watcher import BatchWatcher
 from gateway.config.loader import GatewayConfig
 from gateway.errors import NOT_FOUND, error_body
 from gateway.ledger.object_store import ObjectStore, make_object_store
@@ -29,6 +31,7 @@ from gateway.limits.store import Usage
 from gateway.notify.notifier import Notifier
 from gateway.notify.outbox import make_outbox
 from gateway.pipeline.handler import Pipeline
+from gateway.sessions.relay import Sessions, is_upgrade
 from gateway.upstream.forward import UpstreamClient
 from gateway.web.api import UsageApi
 from gateway.web.keys_api import KeysApi
@@ -78,6 +81,8 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 KEY_SYNC = web.AppKey("key_sync", KeySync)
 NOTIFIER = web.AppKey("notifier", Notifier)
+SESSIONS = web.AppKey("sessions", Sessions)
+BATCHES = web.AppKey("batches", BatchWatcher)
 
 
 def build_app(config: GatewayConfig) -> web.Application:
@@ -106,13 +111,27 @@ def build_app(config: GatewayConfig) -> web.Application:
     notifier = app[NOTIFIER] = Notifier(
         lambda: handler.config, limiter, make_outbox(config.storage)
     )
+    sessions = app[SESSIONS] = Sessions(handler)
     collector = GatewayCollector(
-        handler.stats, lambda: handler.config, limiter, ledger, lambda: handler.in_flight, notifier
-    )
+        handler.stats, lambda: handler.config, limiter, ledger, lambda: handler.in_flight, notifier,
+        sessions.totals,
+    )  # fmt: skip
     app.router.add_get("/metrics", metrics_handler(collector))
     app.router.add_get("/portal", _to_portal)
     app.router.add_get("/portal/", _portal_index)
     app.router.add_static("/portal/", STATIC_DIR)
+    batch_store = make_batch_store(config.storage)
+    handler.batches = app[BATCHES] = BatchWatcher(
+        handler, batch_store, config.batches.poll_interval_s
+    )
+
+    async def sockets_or_calls(request: web.Request) -> web.StreamResponse:
+        if is_upgrade(request):
+            return await sessions.handle(request)
+        return await handler.handle(request)
+
+    app.router.add_get("/v1/realtime", sockets_or_calls)
+    app.router.add_get("/v1/responses", sockets_or_calls)
     app.router.add_route("*", "/v1/{tail:.*}", handler.handle)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
@@ -178,9 +197,21 @@ async def _notifications(app: web.Application) -> AsyncIterator[None]:
         await notifier.outbox.close()
 
 
+async def _batches(app: web.Application) -> AsyncIterator[None]:
+    watcher = app[BATCHES]
+    await watcher.store.open()  # after the ledger: its table is in the ledger's schema
+    await watcher.start()
+    try:
+        yield
+    finally:
+        await watcher.close()
+        await watcher.store.close()
+
+
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     await app[UPSTREAM].start()
     yield
+    await app[SESSIONS].close()  # each open session's sockets, then its client
     await app[HANDLER].upstream.close()  # the pool in use now: a reload may have replaced it
 
 
@@ -191,7 +222,8 @@ async def _readiness(app: web.Application) -> AsyncIterator[None]:
 
 
 RESOURCES = (
-    _call_log, _ledger, _object_store, _api_keys, _limiter, _notifications, _upstream, _readiness,
+    _call_log, _ledger, _object_store, _api_keys, _limiter, _notifications, _upstream, _batches,
+    _readiness,
 )  # fmt: skip
 
 

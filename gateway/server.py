@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 
 from gateway.access.store import StoredKey
-from gateway.app import HANDLER, LEDGER, READY, RUNTIME, build_app
+from gateway.app import HANDLER, LEDGER, READY, RUNTIME, SESSIONS, build_app
 from gateway.config.loader import ConfigError, GatewayConfig, load_config
 from gateway.front.server import GatewayServer
 
@@ -90,13 +90,21 @@ class GatewayProcess:
         # Unready first, still serving, so a load balancer stops sending before we stop listening.
         await asyncio.sleep(min(UNREADY_WINDOW_S, self.config.shutdown_grace_s))
         server.stop_accepting()  # open connections carry on
-        handler = self.app[HANDLER]
+        handler, sessions = self.app[HANDLER], self.app[SESSIONS]
         grace = self.config.shutdown_grace_s
-        log.info("draining %d call(s), up to %gs", handler.in_flight, grace)
+        log.info(
+            "draining %d call(s) and %d WebSocket session(s), up to %gs",
+            handler.in_flight, len(sessions.open), grace,
+        )  # fmt: skip
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(handler.idle.wait(), grace)
-        if handler.in_flight:
-            log.warning("%d call(s) still open after the grace period", handler.in_flight)
+            # A session closes once its responses are done, each with its row.
+            await asyncio.wait_for(asyncio.gather(handler.idle.wait(), sessions.drain()), grace)
+        if handler.in_flight or sessions.open:
+            log.warning(
+                "%d call(s) and %d session(s) still open after the grace period",
+                handler.in_flight, len(sessions.open),
+            )  # fmt: skip
+            await sessions.close()
         await self.app[LEDGER].flush()
 
     async def reload(self) -> bool:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
-CONCERNS = {"access", "billing", "commands", "config", "devtools", "front", "ledger", "limits",
-            "metering", "notify", "pipeline", "pricing", "upstream", "web"}  # fmt: skip
+CONCERNS = {"access", "batches", "billing", "commands", "config", "devtools", "front", "ledger",
+            "limits", "metering", "notify", "pipeline", "pricing", "sessions", "upstream",
+            "web"}  # fmt: skip
 
 
 def test_each_folder_says_in_one_line_what_it_is_for() -> None:

@@ -209,10 +209,16 @@ def test_demo_runs_offline_and_prints_the_report():
     out = result.stdout
     assert "429 rate_limit_exceeded" in out
     assert "stream:     14 chunks" in out
+    assert "realtime:   1 response over WebSocket, 5 tokens in, 12 out" in out
+    assert "batch:      completed, 2 calls, billed once" in out
     report = out.split("report (metering-gateway report):", 1)[1].splitlines()
     assert report[1].split()[:4] == ["team", "key", "model", "calls"]
     assert [line.split()[:4] for line in report[3:]] == [
         ["interns", "intern-laptop", "gpt-4o-mini", "3"],
-        ["research", "research-dev", "gpt-4o-mini", "2"],
+        ["research", "research-dev", "-", "3"],  # the batch's upload, create and fetch
+        ["research", "research-dev", "gpt-4o-mini", "3"],  # two calls and the batch's row
+        ["research", "research-dev", "gpt-realtime", "1"],
         ["research", "research-dev", "text-embedding-3-small", "1"],
     ]
+    # the "batch calls" column: the 12th value of a row
+    assert [line.split()[11] for line in report[3:]] == ["0", "0", "1", "0", "0"]

@@ -262,6 +262,28 @@ async def test_rate_headers_show_what_every_replica_used(
     }
 
 
+async def test_a_batch_billed_when_it_ends_is_counted_in_redis(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    from tests.test_batches import BATCH_COST, INPUT, OUTPUT, batch_rows, create_batch
+
+    gateway = await make_gateway(
+        teams=teams("{tokens_per_day: 100000, spend_per_day_usd: 10}"),
+        extra_yaml=shared_limits(redis_server.url) + "batches: {poll_interval_s: 0.1}\n",
+    )
+    async with redis_client.Redis.from_url(redis_server.url) as client:
+        await client.flushdb()  # the counters of earlier tests gone
+    await create_batch(gateway)
+    (row,) = await batch_rows(gateway)
+    await asyncio.sleep(0.1)  # the charge is sent just after the row
+    async with redis_client.Redis.from_url(redis_server.url) as client:
+        tokens_key = (await client.keys("mgw:team:research:tokens_per_day:*"))[0]
+        spend_key = (await client.keys("mgw:team:research:spend_per_day_nanousd:*"))[0]
+        assert int(await client.get(tokens_key)) == INPUT + OUTPUT
+        assert int(await client.get(spend_key)) == row["cost_nanousd"] == BATCH_COST
+        assert 0 < await client.ttl(spend_key) <= 2 * 86_400
+
+
 async def test_quotas_settle_to_the_tokens_and_cost_really_used(
     make_gateway: GatewayFactory, redis_server: RedisServer
 ) -> None:

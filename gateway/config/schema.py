@@ -266,6 +266,16 @@ class NotificationsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchesConfig:
+    """`batches`: how the Batch API's jobs created through the gateway are watched."""
+
+    poll_interval_s: float = setting(
+        300.0, check.number(positive=True),
+        "how often pending batches are looked at upstream (and whenever a client fetches one)",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsBackendConfig:
     """`limits`: where limit counters live."""
 
@@ -317,6 +327,7 @@ class GatewayConfig:
     storage: StorageConfig = section(StorageConfig, bare=True)
     admin: AdminConfig = section(AdminConfig, bare=True)
     notifications: NotificationsConfig = section(NotificationsConfig, bare=True)
+    batches: BatchesConfig = section(BatchesConfig, bare=True)
     pricing: PriceBook = custom(
         read_prices,
         "how calls are priced (see [Prices](#prices)); a path or an inline table mapping: that "

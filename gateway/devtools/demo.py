@@ -1,8 +1,8 @@
 """`metering-gateway demo`: the whole product in one offline command.
 
 Starts the fake upstream and a gateway on free local ports with a throw-away config, sends a
-few calls through the official openai SDK (one streamed, one over a limit), and prints the
-report from the ledger.
+few calls through the official openai SDK (one streamed, one over a limit), a Realtime
+response over WebSocket and a batch, and prints the report from the ledger.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import aiohttp
 import openai
+import orjson
 from aiohttp import web
 
-from gateway.app import LEDGER, build_app
+from gateway.app import BATCHES, LEDGER, build_app
 from gateway.billing.reports import ReportQuery, render, usage_rows
 from gateway.config.loader import load_config
 from gateway.devtools.fake_upstream import build_fake_app
@@ -50,6 +52,7 @@ def _config(folder: Path, upstream_port: int) -> Path:
             pricing:
               models:
                 gpt-4o-mini: {{input: 0.15, cached_input: 0.075, output: 0.60}}
+                gpt-realtime: {{input: 4.00, cached_input: 0.40, output: 16.00}}
                 text-embedding-3-small: {{input: 0.02}}
             teams:
               research:
@@ -63,7 +66,48 @@ def _config(folder: Path, upstream_port: int) -> Path:
     return path
 
 
-async def _traffic(base_url: str) -> list[str]:
+async def _realtime(base_url: str) -> str:
+    """One Realtime response over a WebSocket (aiohttp's client: no extra package needed)."""
+    url = base_url.replace("http", "ws", 1) + "/realtime?model=gpt-realtime"
+    headers = {"Authorization": f"Bearer {DEMO_KEYS['research']}"}
+    usage: dict = {}
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
+        session = {"type": "realtime", "output_modalities": ["text"]}
+        await ws.send_str(orjson.dumps({"type": "session.update", "session": session}).decode())
+        text = {"type": "input_text", "text": "Say hello over the socket."}
+        item = {"type": "message", "role": "user", "content": [text]}
+        await ws.send_str(orjson.dumps({"type": "conversation.item.create", "item": item}).decode())
+        await ws.send_str('{"type": "response.create"}')
+        async for message in ws:
+            event = orjson.loads(message.data)
+            if event["type"] == "response.done":
+                usage = event["response"]["usage"]
+                break
+    return (
+        f"realtime:   1 response over WebSocket, {usage.get('input_tokens')} tokens in, "
+        f"{usage.get('output_tokens')} out"
+    )
+
+
+async def _batch(client: openai.AsyncOpenAI, app: web.Application) -> str:
+    """A batch of two chat calls: billed once, at batch prices, when its fetch shows it done."""
+    lines = b"".join(
+        orjson.dumps({"custom_id": f"q{n}", "method": "POST", "url": "/v1/chat/completions",
+                      "body": {"model": "gpt-4o-mini",
+                               "messages": [{"role": "user", "content": f"question {n}"}]}})
+        + b"\n"
+        for n in (1, 2)
+    )  # fmt: skip
+    upload = await client.files.create(file=("batch.jsonl", lines), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = await client.batches.retrieve(batch.id)
+    await app[BATCHES].looks_done()
+    return f"batch:      {done.status}, {done.request_counts.completed} calls, billed once"
+
+
+async def _traffic(base_url: str, app: web.Application) -> list[str]:
     said = []
     research = openai.AsyncOpenAI(base_url=base_url, api_key=DEMO_KEYS["research"], max_retries=0)
     reply = await research.chat.completions.create(
@@ -79,6 +123,8 @@ async def _traffic(base_url: str) -> list[str]:
         model="text-embedding-3-small", input=["gateway", "demo"]
     )
     said.append(f"embeddings: {len(embedding.data)} vectors")
+    said.append(await _realtime(base_url))
+    said.append(await _batch(research, app))
     interns = openai.AsyncOpenAI(base_url=base_url, api_key=DEMO_KEYS["interns"], max_retries=0)
     for attempt in range(3):
         try:
@@ -103,7 +149,7 @@ async def run_demo() -> str:
         app = build_app(config)
         gateway_runner, port = await _start(app)
         try:
-            said = await _traffic(f"http://127.0.0.1:{port}/v1")
+            said = await _traffic(f"http://127.0.0.1:{port}/v1", app)
             await app[LEDGER].flush()
             rows = await usage_rows(app[LEDGER].reader, ReportQuery())
         finally:

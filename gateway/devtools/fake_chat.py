@@ -242,6 +242,17 @@ def _response_event_fields(info: _ResponseInfo, group: int) -> Iterator[tuple[st
     yield "response.completed", {"response": _response_object(info, True)}
 
 
+def response_events(
+    response_id: str, created: int, body: dict[str, Any], tokens: Tokens
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A streamed response's events (kind, fields), usage included: what the WebSocket mode
+    of the Responses API sends for a `response.create`."""
+    number = int("".join(c for c in response_id if c.isdigit()) or 0)
+    return _response_event_fields(
+        _ResponseInfo(number, response_id, created, body, tokens, True), 1
+    )
+
+
 async def responses(request: web.Request) -> web.StreamResponse:
     ctx = request[CONTEXT]
     body = await read_json(request)

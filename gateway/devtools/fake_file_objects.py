@@ -20,6 +20,14 @@ from gateway.devtools.fake_object_store import (
     page,
     required,
 )
+from gateway.devtools.fake_tokens import (
+    DEFAULT_REPLY_WORDS,
+    TOKENS_PER_MESSAGE,
+    Tokens,
+    chat_usage,
+    reply_text,
+    responses_usage,
+)
 
 # ------------------------------------------------------------------ files
 
@@ -144,18 +152,40 @@ def _get_batch(objects: FakeObjects, call: Call) -> Any:
 
 
 def _run_batch(objects: FakeObjects, batch: dict[str, Any], now: int) -> None:
-    """The batch done: one answer line per input line, in an output file of its own."""
+    """The batch done: one answer line per input line, in an output file of its own. Each
+    answer is a chat completion counted as the HTTP fake counts one (prompt words + 3 a
+    message; 12 reply words, or `max_tokens`), and the batch states the sum as its `usage`
+    and the first line's model as its `model`, as OpenAI's batches do; unless its metadata
+    says `fake_usage: output_only` (the usage is then in the output file alone)."""
     lines = objects.contents.get(batch["input_file_id"], b"").splitlines()
-    answers = []
+    answers, prompt_total, reply_total, model = [], 0, 0, None
     for number, line in enumerate(lines, 1):
         try:
-            custom_id = orjson.loads(line).get("custom_id")
-        except (orjson.JSONDecodeError, AttributeError):
-            custom_id = None
+            request = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            request = {}
+        request = request if isinstance(request, dict) else {}
+        body = request.get("body") if isinstance(request.get("body"), dict) else {}
+        model = model or body.get("model")
+        prompt = _prompt_words(body.get("messages"))
+        limit = body.get("max_tokens", body.get("max_completion_tokens"))
+        reply = DEFAULT_REPLY_WORDS
+        if isinstance(limit, int) and 0 <= limit < DEFAULT_REPLY_WORDS:
+            reply = limit
+        prompt_total, reply_total = prompt_total + prompt, reply_total + reply
+        completion = {
+            "id": f"chatcmpl-fakebatch{number}",
+            "object": "chat.completion",
+            "created": now,
+            "model": body.get("model"),
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": reply_text(reply)}}],
+            "usage": chat_usage(Tokens(prompt, reply, 0, 0)),
+        }  # fmt: skip
         answer = {
             "id": f"batch_req_fake{number}",
-            "custom_id": custom_id,
-            "response": {"status_code": 200, "request_id": f"req_fake{number}", "body": {}},
+            "custom_id": request.get("custom_id"),
+            "response": {"status_code": 200, "request_id": f"req_fake{number}", "body": completion},
             "error": None,
         }
         answers.append(orjson.dumps(answer) + b"\n")
@@ -167,6 +197,20 @@ def _run_batch(objects: FakeObjects, batch: dict[str, Any], now: int) -> None:
         in_progress_at=now,
         completed_at=now,
         request_counts=counts,
+        model=model,
+    )
+    metadata = batch.get("metadata") if isinstance(batch.get("metadata"), dict) else {}
+    if metadata.get("fake_usage") != "output_only":
+        batch["usage"] = responses_usage(Tokens(prompt_total, reply_total, 0, 0))
+
+
+def _prompt_words(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    return sum(
+        len(message.get("content", "").split()) + TOKENS_PER_MESSAGE
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), str)
     )
 
 

@@ -5,7 +5,8 @@ words (``gateway.devtools.fake_tokens``). Behaviour can be bent per request with
 ``x-fake-*`` headers or globally through ``FakeState.faults`` (see
 ``gateway.devtools.fake_faults.FAULT_NAMES``). The endpoints: text
 (``gateway.devtools.fake_chat``), embeddings, files and audio (``gateway.devtools.fake_media``),
-the Usage and Costs APIs (``gateway.devtools.fake_usage``). Files, uploads, batches, vector
+the Usage and Costs APIs (``gateway.devtools.fake_usage``), Realtime and Responses over
+WebSocket (``gateway.devtools.fake_sockets``). Files, uploads, batches, vector
 stores, stored responses, fine-tuning jobs, containers and conversations live in
 ``FakeState.objects`` (``gateway.devtools.fake_objects``).
 """
@@ -51,6 +52,7 @@ from gateway.devtools.fake_media import (
 )
 from gateway.devtools.fake_object_store import Call, ObjectError
 from gateway.devtools.fake_objects import COLLECTIONS, handle_object_call
+from gateway.devtools.fake_sockets import realtime, responses_socket
 from gateway.devtools.fake_usage import usage_handlers
 from gateway.loop import new_event_loop
 
@@ -98,6 +100,12 @@ async def _objects(request: web.Request) -> web.Response:
     return json_response(request, payload)
 
 
+async def _responses_get(request: web.Request) -> web.StreamResponse:
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await responses_socket(request)
+    return await _objects(request)
+
+
 async def _unknown(request: web.Request) -> web.Response:
     message = f"Invalid URL ({request.method} {request.path})"
     raise ApiError(404, message, code="unknown_url")
@@ -107,6 +115,8 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/v1/chat/completions", chat_completions)
     router.add_post("/v1/completions", completions)
     router.add_post("/v1/responses", responses)
+    router.add_get("/v1/responses", _responses_get)
+    router.add_get("/v1/realtime", realtime)
     router.add_post("/v1/embeddings", embeddings)
     router.add_get("/v1/models", _list_models)
     router.add_get("/v1/models/{model_id}", _get_model)

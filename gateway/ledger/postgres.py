@@ -23,6 +23,8 @@ from gateway.ledger.storage import StorageError
 from gateway.ledger.writer import (
     _COLUMN_TYPES,
     API_KEY_COLUMN_TYPES,
+    BATCH_COLUMN_TYPES,
+    BATCH_INDEXES,
     COLUMNS,
     NOTIFICATION_COLUMN_TYPES,
     NOTIFICATION_INDEXES,
@@ -64,6 +66,8 @@ SCHEMA_SQL = [  # SQLite's tables and indexes: same names, same columns
     create_table("api_keys", API_KEY_COLUMN_TYPES, _column_type),
     create_table("notifications", NOTIFICATION_COLUMN_TYPES, _column_type),
     *NOTIFICATION_INDEXES,
+    create_table("batches", BATCH_COLUMN_TYPES, _column_type),
+    *BATCH_INDEXES,
     create_table("gateway_schema", VERSION_COLUMN_TYPES, _column_type),
 ]
 # Gateways sharing one database may start together: one creates or upgrades it at a time.

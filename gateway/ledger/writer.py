@@ -72,6 +72,8 @@ class CallRecord:
     # Version 3 (SPEC "Performance"): the time waiting on the upstream, request sent to last
     # byte (summed over the exchanges of a call that had several); None: never forwarded.
     upstream_ms: float | None = None
+    # Version 5 (SPEC "Every OpenAI surface"): the WebSocket session a response was part of.
+    ws_session_id: str | None = None
 
 
 _COLUMN_TYPES = {
@@ -118,6 +120,8 @@ _COLUMN_TYPES = {
     "input_characters": "INTEGER DEFAULT 0",
     # Version 3.
     "upstream_ms": "REAL",
+    # Version 5.
+    "ws_session_id": "TEXT",
 }
 COLUMNS = tuple(f.name for f in fields(CallRecord))
 assert tuple(_COLUMN_TYPES) == COLUMNS, "CallRecord and the schema must list the same columns"
@@ -178,13 +182,29 @@ NOTIFICATION_COLUMN_TYPES = {
 NOTIFICATION_INDEXES = [
     "CREATE INDEX IF NOT EXISTS notifications_due ON notifications (delivered_at, next_attempt_at)"
 ]
+# Batches created through the gateway (`gateway.batches`): pending until `billed_at`, when the
+# one ledger row of the batch (`billed_request_id`, derived from the batch id) is written.
+BATCH_COLUMN_TYPES = {
+    "batch_id": "TEXT PRIMARY KEY",
+    "team": "TEXT NOT NULL",
+    "key_id": "TEXT",
+    "created_at": "REAL NOT NULL",
+    "endpoint": "TEXT",
+    "model": "TEXT",
+    "status": "TEXT",
+    "checked_at": "REAL",
+    "billed_request_id": "TEXT",
+    "billed_at": "REAL",
+}
+BATCH_INDEXES = ["CREATE INDEX IF NOT EXISTS batches_pending ON batches (billed_at)"]
 # The ledger's schema version, one row of `gateway_schema`. Version 1 is the ledger of the
 # releases that recorded none (no `gateway_schema` table); version 2 added the columns from
 # `cache_write_tokens` on, version 3 `upstream_ms`, version 4 the `api_keys` and
 # `notifications` tables (a gateway of an older release would not see the keys issued or
-# revoked there). An older ledger is upgraded in place at start by adding what it lacks; a
-# newer one is refused (this code would not write what its readers expect).
-SCHEMA_VERSION = 4
+# revoked there), version 5 `ws_session_id` and the `batches` table. An older ledger is
+# upgraded in place at start by adding what it lacks; a newer one is refused (this code would
+# not write what its readers expect).
+SCHEMA_VERSION = 5
 VERSION_COLUMN_TYPES = {"version": "INTEGER NOT NULL"}
 SCHEMA = [
     create_table("requests", _COLUMN_TYPES),
@@ -194,6 +214,8 @@ SCHEMA = [
     create_table("api_keys", API_KEY_COLUMN_TYPES),
     create_table("notifications", NOTIFICATION_COLUMN_TYPES),
     *NOTIFICATION_INDEXES,
+    create_table("batches", BATCH_COLUMN_TYPES),
+    *BATCH_INDEXES,
     create_table("gateway_schema", VERSION_COLUMN_TYPES),
 ]
 WRITE_VERSION = ["DELETE FROM gateway_schema", "INSERT INTO gateway_schema (version) VALUES (?)"]

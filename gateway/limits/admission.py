@@ -101,6 +101,14 @@ class Limiter:
         self.store.settle(admission, actual)
         self._notify(admission.team)
 
+    def charge(self, team: TeamConfig, key: KeyConfig, used: Draw) -> None:
+        """Count a usage the gateway learns of after the fact against the key's and team's
+        windows (a batch's tokens and cost when it ends); nothing is refused."""
+        meters = self.meters_for(key, team)
+        if meters:
+            self.store.charge(meters, used)
+            self._notify(team.name)
+
     def return_rates(self, admission: Admission) -> None:
         """A call the upstream never answered gives back all it reserved from the per-minute
         rates (calendar quotas still count it when it settles, as the ledger's rebuild does)."""
@@ -141,6 +149,16 @@ class Limiter:
             self._notify(team.name)
         queued_ms = (self.clock() - started) * 1000
         return Admission(team.name, meters, draw, queued_ms=queued_ms, ticket=ticket)
+
+    async def admit_now(self, team: TeamConfig, meters: tuple[Meter, ...], draw: Draw) -> Admission:
+        """Admit now or raise the SPEC's 429, whatever the team's `on_limit`: for what cannot
+        wait in a queue (a response the upstream began on its own)."""
+        if not team.enforce:
+            return await self._admit_in_shadow(team, meters, draw)
+        refusal, ticket = await self.store.take(meters, draw)
+        if refusal is not None:
+            raise limit_error(refusal)
+        return Admission(team.name, meters, draw, ticket=ticket)
 
     async def _admit_in_shadow(
         self, team: TeamConfig, meters: tuple[Meter, ...], draw: Draw

@@ -11,7 +11,7 @@ import math
 from gateway.config.loader import GatewayConfig
 from gateway.limits.refusals import Refusal, concurrency_refusal, quota_refusal, rate_refusal
 from gateway.limits.store import Admission, UsageSource
-from gateway.limits.windows import Draw, Meter, MeterRegistry
+from gateway.limits.windows import NOTHING, Draw, Meter, MeterRegistry
 
 
 class MemoryStore:
@@ -62,11 +62,11 @@ class MemoryStore:
                 bucket.take(draw.of(bucket.kind))
             for quota in meter.quotas:
                 quota.used += draw.of(quota.kind)
-            meter.active += 1
+            meter.active += draw.slots
         return None
 
     def _check(self, meter: Meter, draw: Draw, now: float, wall: float) -> Refusal | None:
-        if meter.max_concurrent is not None and meter.active >= meter.max_concurrent:
+        if draw.slots and meter.max_concurrent is not None and meter.active >= meter.max_concurrent:
             return concurrency_refusal(meter)
         for bucket in meter.rates:
             wait = bucket.wait_for(draw.of(bucket.kind), now)
@@ -84,7 +84,7 @@ class MemoryStore:
         beyond it (a bucket into debt); quotas whose window has ended since keep nothing."""
         wall = self.registry.wall_clock()
         for meter in admission.meters:
-            meter.active -= 1
+            meter.active -= admission.reserved.slots
             for bucket in () if admission.rates_returned else meter.rates:
                 difference = admission.reserved.of(bucket.kind) - actual.of(bucket.kind)
                 if difference > 0:
@@ -94,6 +94,9 @@ class MemoryStore:
             for quota in meter.quotas:
                 if wall < quota.window_end:
                     quota.used += actual.of(quota.kind) - admission.reserved.of(quota.kind)
+
+    def charge(self, meters: tuple[Meter, ...], used: Draw) -> None:
+        self.settle(Admission("", meters, NOTHING), used)
 
     def return_rates(self, admission: Admission) -> bool:
         """Calendar quotas still count the call when it settles, as the ledger's rebuild

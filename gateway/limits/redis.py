@@ -41,7 +41,7 @@ from gateway.limits.redis_client import (
 )
 from gateway.limits.refusals import Refusal, concurrency_refusal, quota_refusal, rate_refusal
 from gateway.limits.store import Admission, Usage, UsageSource
-from gateway.limits.windows import Draw, Meter, MeterRegistry, Quota, TokenBucket
+from gateway.limits.windows import NOTHING, Draw, Meter, MeterRegistry, Quota, TokenBucket
 
 log = logging.getLogger("gateway.limits")
 
@@ -77,7 +77,7 @@ class Window:
     expire_at: int = 0
 
     def amount(self, draw: Draw) -> int:
-        return draw.of(self.source.kind) if self.source is not None else 1
+        return draw.of(self.source.kind) if self.source is not None else draw.slots
 
 
 @dataclass(slots=True)
@@ -200,7 +200,7 @@ class RedisStore:
         for window, seen, amount in zip(plan.windows, reply[1:], amounts, strict=True):
             self._mirror(window, float(seen), amount)
         ticket = Ticket(member, plan)
-        if plan.holds_slots:
+        if plan.holds_slots and draw.slots:
             self._leases[member] = ticket
         return None, ticket
 
@@ -282,6 +282,11 @@ class RedisStore:
             self._leases.pop(ticket.member, None)
             self._settle_remote(ticket, admission.reserved, actual, admission.rates_returned)
 
+    def charge(self, meters: tuple[Meter, ...], used: Draw) -> None:
+        plan = self._plan(meters)
+        if plan.windows and self.health.worth_trying(time.monotonic()):
+            self._settle_remote(Ticket(next(self._names), plan), NOTHING, used)
+
     def return_rates(self, admission: Admission) -> bool:
         # Given back with the settle, in the same script call: the rates then settle as used
         # not at all.
@@ -298,7 +303,7 @@ class RedisStore:
                 kind = window.source.kind
                 used = 0 if rates_returned and window.kind == "rate" else actual.of(kind)
                 change = used - reserved.of(kind)
-            arguments += (window.kind, window.limit, change)
+            arguments += (window.kind, window.limit, change, window.expire_at)
         keys = ticket.plan.keys
         sent = self.redis.send(b"EVALSHA", self._settle.sha, len(keys), *keys, *arguments)
         if sent is None:

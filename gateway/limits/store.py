@@ -57,6 +57,10 @@ class WindowStore(Protocol):
         """Replace an admission's reservation with what the call used; free its slots (the
         policy calls this once per admission)."""
 
+    def charge(self, meters: tuple[Meter, ...], used: Draw) -> None:
+        """Count a usage that took no reservation (a batch billed when it completes): the
+        windows take it even past their limits, as a call's settle can."""
+
     def return_rates(self, admission: Admission) -> bool:
         """The upstream never answered: the per-minute rates get back all it reserved (the
         policy has marked it `rates_returned`). True if room was freed now, so the queue

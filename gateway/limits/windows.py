@@ -38,15 +38,21 @@ CONFIG_NAMES = {
 
 @dataclass(slots=True)
 class Draw:
-    """What one call takes (reserved before, actual after)."""
+    """What one call takes (reserved before, actual after). `slots` is the concurrency slot
+    it holds until it settles: 0 for a response inside a WebSocket session, whose session
+    holds the slot."""
 
     requests: int = 1
     tokens: int = 0
     bytes: int = 0
     spend: int = 0
+    slots: int = 1
 
     def of(self, kind: str) -> int:
         return getattr(self, kind)
+
+
+NOTHING = Draw(requests=0, slots=0)  # the reservation of a usage charged after the fact
 
 
 class TokenBucket:

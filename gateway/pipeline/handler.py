@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -31,10 +32,11 @@ from gateway.errors import (
     GatewayError,
 )
 from gateway.ledger.object_store import ObjectStore
-from gateway.ledger.writer import LedgerWriter
+from gateway.ledger.writer import CallRecord, LedgerWriter
 from gateway.limits.admission import Limiter
 from gateway.limits.budget import StreamBudget, output_budget
 from gateway.limits.report import rate_headers
+from gateway.limits.store import Admission
 from gateway.limits.windows import SPEND, TOKENS, Draw
 from gateway.logs import CallLog
 from gateway.metering import tokens
@@ -72,6 +74,9 @@ from gateway.pricing.arithmetic import format_usd
 from gateway.upstream.forward import SMALL_BODY, RelayResult, UpstreamClient
 from gateway.web.metrics import CallStats
 
+if TYPE_CHECKING:
+    from gateway.batches.watcher import BatchWatcher
+
 log = logging.getLogger("gateway.handler")
 
 REQUEST_ID_HEADER = "x-gateway-request-id"
@@ -94,7 +99,10 @@ class Pipeline:
         self.ledger = ledger
         self.limiter = limiter
         self.walls = Walls(object_store)
-        self.relay = Relay(self.walls, self._stream_budget, self._add_gateway_headers)
+        self.relay = Relay(
+            self.walls, self._stream_budget, self._add_gateway_headers, self._batch_seen
+        )
+        self.batches: BatchWatcher | None = None  # set once the app has built it
         self.authenticator = Authenticator(config)
         self.in_flight = 0
         self.idle = asyncio.Event()
@@ -197,7 +205,7 @@ class Pipeline:
         else:
             assert call.caller is not None
             team = call.caller.team
-            allow = lambda model: self._allow_model(team, model)  # noqa: E731
+            allow = lambda model: self.allow_model(team, model)  # noqa: E731
             call.outgoing = read_streamed(call, api_path, max_body, allow)
         return call.outgoing
 
@@ -207,13 +215,13 @@ class Pipeline:
         assert facts is not None and caller is not None
         if outgoing.json is None:
             return  # a streamed body is checked as it passes (`read_streamed`)
-        self._allow_model(caller.team, facts.model)
+        self.allow_model(caller.team, facts.model)
         if facts.json_body is not None:
             call.objects = created_by_body(call.objects, facts.api_path, facts.json_body)
             if may_name_objects(facts.api_path, outgoing.json):
                 await self.walls.check_owned(call, object_ids.referenced_ids(facts.json_body))
 
-    def _allow_model(self, team: TeamConfig, model: str | None) -> None:
+    def allow_model(self, team: TeamConfig, model: str | None) -> None:
         """The team's model allow-list, then (with `pricing.unknown_model: reject`) refusal
         of a model without a price: neither is ever forwarded."""
         authorize_model(team, model)
@@ -287,6 +295,15 @@ class Pipeline:
         )
         return (StreamBudget(facts.model, allowed), prompt_tokens) if allowed is not None else None
 
+    async def _batch_seen(self, call: Call, batch: dict[str, Any]) -> None:
+        """A batch created (remembered, to bill when it ends) or fetched (billed if it ended)."""
+        if self.batches is None or call.caller is None or call.objects is None:
+            return
+        if call.objects.action == "create":
+            await self.batches.created(call.caller.team.name, call.caller.key.id, batch)
+        else:
+            self.batches.fetched(batch)
+
     # ------------------------------------------------------------ the end of every call
 
     async def _end(self, call: Call, ending: Ending) -> web.StreamResponse:
@@ -301,7 +318,7 @@ class Pipeline:
             try:
                 conclude(call, ending)
                 await self._meter(call)
-                self._price(call)
+                self.price(call.record)
             except Exception:
                 log.exception("could not meter or price %s", record.request_id)
                 record.error_code = record.error_code or GATEWAY_FAULT.code
@@ -326,7 +343,9 @@ class Pipeline:
 
     async def _meter(self, call: Call) -> None:
         answer, facts = call.answer, call.facts
-        if answer is None or answer.recorder is None or facts is None:
+        if answer is None or answer.recorder is None or facts is None or not facts.metered:
+            # An object's answer (a batch, a stored response) states a usage that was billed
+            # where it was made: fetching it costs nothing.
             return
         usage: Usage | None = answer.billed
         if usage is None:
@@ -335,8 +354,9 @@ class Pipeline:
             usage = await _estimate(facts, answer, answer.recorder.total <= SMALL_BODY)
         apply_usage(call.record, usage)
 
-    def _price(self, call: Call) -> None:
-        record = call.record
+    def price(self, record: CallRecord) -> None:
+        """The row's cost at the prices in force when it started (`cost_nanousd`,
+        `price_unknown`, `pricing_hash`)."""
         prices = self.config.team_prices(record.team)
         # At the prices in force when the call started, for the tier that served it.
         record.cost_nanousd, priced = prices.cost_of(
@@ -353,18 +373,23 @@ class Pipeline:
             self._warn_unpriced(record.model, prices.unknown_model)
 
     def _record(self, call: Call) -> None:
-        """Settle the call's limits and append its row; the row is appended whatever fails."""
         record = call.record
         record.finished_at = time.time()
         record.latency_ms = (time.perf_counter() - call.started) * 1000
+        self.write_row(record, call.admission)
+
+    def write_row(self, record: CallRecord, admission: Admission | None, slots: int = 1) -> None:
+        """Settle the admission to what the row used and append the row; the row is appended
+        whatever fails. `slots`: the concurrency slots the admission held."""
         try:
-            if call.admission is not None:
+            if admission is not None:
                 self.limiter.settle(
-                    call.admission,
+                    admission,
                     Draw(
                         tokens=record.input_tokens + record.output_tokens,
                         bytes=record.request_bytes + record.response_bytes,
                         spend=record.cost_nanousd,
+                        slots=slots,
                     ),
                 )
         except Exception:

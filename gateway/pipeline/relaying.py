@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -30,6 +31,8 @@ log = logging.getLogger("gateway.handler")
 
 # (the budget, the prompt's estimated tokens) for a `cut` team's stream, else None
 BudgetFor = Callable[[Call], Awaitable[tuple[StreamBudget, int] | None]]
+# Told of each batch object a 2xx answer holds (`gateway.batches`)
+BatchSeen = Callable[[Call, dict[str, Any]], Awaitable[None]]
 
 
 class Relay:
@@ -38,10 +41,12 @@ class Relay:
         walls: Walls,
         budget_for: BudgetFor,
         add_headers: Callable[[Call, web.StreamResponse], None],
+        batch_seen: BatchSeen,
     ) -> None:
         self.walls = walls
         self.budget_for = budget_for
         self.add_headers = add_headers
+        self.batch_seen = batch_seen
 
     async def answer(self, call: Call, upstream: UpstreamResponse) -> None:
         """Relay the upstream's answer; `call.answer` tells how far it got, even on failure."""
@@ -81,7 +86,9 @@ class Relay:
         answer.recorder.feed(body)
         call.record.response_bytes = len(body)
         if call.objects is not None:
-            await self.walls.claim_answer(call, answer)
+            described = await self.walls.claim_answer(call, answer)
+            if described is not None and call.objects.kind == "batch":
+                await self.batch_seen(call, described)
         headers = answer.response.headers
         headers.popall("Content-Length", None)
         whole = web.Response(

@@ -53,22 +53,25 @@ class Walls:
         assert call.caller is not None
         await self.store.record(ids, call.caller.team.name, call.caller.key.id)
 
-    async def claim_answer(self, call: Call, answer: Answer) -> None:
-        """Make the caller's team the owner of what a 2xx JSON answer created."""
+    async def claim_answer(self, call: Call, answer: Answer) -> dict | None:
+        """Make the caller's team the owner of what a 2xx JSON answer created; the answer's
+        object, parsed (None: not a 2xx JSON object)."""
         route, recorder = call.objects, answer.recorder
         assert route is not None and recorder is not None and call.facts is not None
         if call.record.status >= 300 or not recorder.complete:
-            return
+            return None
         if route.deletes:
             assert route.object_id is not None
             await self.store.mark_deleted(route.object_id)
-            return
+            return None
         try:
             body = orjson.loads(recorder.head())
         except orjson.JSONDecodeError:
-            return
-        if isinstance(body, dict):
-            await self.claim(call, object_ids.created_ids(route.kind, call.facts.api_path, body))
+            return None
+        if not isinstance(body, dict):
+            return None
+        await self.claim(call, object_ids.created_ids(route.kind, call.facts.api_path, body))
+        return body
 
     async def after_stream(self, call: Call, answer: Answer, claims: bool, ok: bool) -> None:
         """A streamed answer has gone out: the object it deleted, the ones its end names."""

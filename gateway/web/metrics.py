@@ -176,10 +176,12 @@ class GatewayCollector(Collector):
         ledger: LedgerWriter,
         in_flight: Callable[[], int],
         notifier: Notifier | None = None,
+        sessions: Callable[[], tuple[int, int, int]] | None = None,
     ) -> None:
         self.stats, self.config, self.limiter = stats, config, limiter
         self.ledger, self.in_flight = ledger, in_flight
         self.notifier = notifier
+        self.sessions = sessions  # (open WebSocket sessions, bytes up, bytes down)
         stats.model_label = ModelLabels(config)
 
     def collect(self) -> Iterator[Metric]:
@@ -258,6 +260,19 @@ class GatewayCollector(Collector):
             queued.add_metric([team], len(queue))
         yield queued
         yield GaugeMetricFamily("gateway_in_flight", "Calls being served", value=self.in_flight())
+        if self.sessions is not None:
+            open_sessions, up, down = self.sessions()
+            yield GaugeMetricFamily(
+                "gateway_websocket_sessions", "WebSocket sessions open", value=open_sessions
+            )
+            frames = CounterMetricFamily(
+                "gateway_websocket_bytes",
+                "Frame bytes relayed in WebSocket sessions (up: client to upstream)",
+                labels=["direction"],
+            )
+            frames.add_metric(["up"], up)
+            frames.add_metric(["down"], down)
+            yield frames
         yield GaugeMetricFamily(
             "gateway_ledger_pending_rows", "Rows not yet committed", value=self.ledger.pending
         )

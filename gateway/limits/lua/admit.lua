@@ -1,7 +1,8 @@
 -- Check every window of a call and take its reservation from all of them, or from none.
 -- KEYS: one per window. ARGV: lease member, lease seconds, then per window its kind, limit,
--- amount and (quotas) the unix time its counter expires. Returns {0, level seen per window}
--- when the call was admitted, else {window index, seconds to wait (-1: never), level seen}.
+-- amount (slots: 1 to hold one, 0 to hold none) and (quotas) the unix time its counter
+-- expires. Returns {0, level seen per window} when the call was admitted, else
+-- {window index, seconds to wait (-1: never), level seen}.
 local member, lease = ARGV[1], tonumber(ARGV[2])
 local seen = {}
 for i = 1, #KEYS do
@@ -22,7 +23,7 @@ for i = 1, #KEYS do
   else
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     local active = redis.call('ZCARD', KEYS[i])
-    if active >= limit then return {i, '0', tostring(active)} end
+    if amount > 0 and active >= limit then return {i, '0', tostring(active)} end
     seen[i] = active
   end
 end
@@ -35,7 +36,7 @@ for i = 1, #KEYS do
   elseif kind == 'quota' then
     redis.call('INCRBY', KEYS[i], ARGV[at + 2])
     redis.call('EXPIREAT', KEYS[i], ARGV[at + 3])
-  else
+  elseif tonumber(ARGV[at + 2]) > 0 then
     redis.call('ZADD', KEYS[i], now + lease, member)
     redis.call('EXPIRE', KEYS[i], lease * 2)
   end
