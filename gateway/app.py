@@ -36,6 +36,7 @@ from gateway.upstream.forward import UpstreamClient
 from gateway.web.api import UsageApi
 from gateway.web.keys_api import KeysApi
 from gateway.web.metrics import GatewayCollector, metrics_handler
+from gateway.web.portal_api import PortalApi
 from gateway.web.security import security_headers
 
 log = logging.getLogger("gateway")
@@ -108,6 +109,7 @@ def build_app(config: GatewayConfig) -> web.Application:
     )
     app.router.add_routes(usage_api.routes())
     app.router.add_routes(KeysApi(usage_api, lambda: runtime.config, key_sync).routes())
+    app.router.add_routes(PortalApi(usage_api).routes())
     notifier = app[NOTIFIER] = Notifier(
         lambda: handler.config, limiter, make_outbox(config.storage)
     )

@@ -83,12 +83,14 @@ class GatewayError(Exception):
         *,
         param: str | None = None,
         retry_after_s: int | None = None,
+        limit: str | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+        self.limit = limit  # the limit that refused (its config name), for the ledger
 
     def body(self) -> bytes:
         return error_body(self.kind, self.message, self.param)

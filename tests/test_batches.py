@@ -229,5 +229,7 @@ async def test_two_replicas_on_postgres_bill_a_batch_once(
             marks = await connection.fetch("SELECT billed_at IS NOT NULL FROM batches")
         finally:
             await connection.close()
+        for gateway in (one, two):  # before the database goes
+            await gateway.server.close()
     assert [tuple(row) for row in rows] == [(f"req_{batch_id}", BATCH_COST, INPUT, OUTPUT)]
     assert [tuple(mark) for mark in marks] == [(True,)]

@@ -36,10 +36,10 @@ NEW_COLUMNS = (
     "image_output_tokens", "rejected_prediction_tokens", "web_search_calls", "file_search_calls",
     "service_tier", "batch", "audio_seconds", "input_characters",
     "upstream_ms",  # version 3
-    "ws_session_id",  # version 5
+    "ws_session_id", "rejected_by",  # version 5
 )  # fmt: skip
 OLD_COLUMNS = COLUMNS[: -len(NEW_COLUMNS)]
-NEW_DEFAULTS = (0, 0, 0, 0, 0, 0, 0, 0, None, 0, 0.0, 0, None, None)
+NEW_DEFAULTS = (0, 0, 0, 0, 0, 0, 0, 0, None, 0, 0.0, 0, None, None, None)
 # A call written after the upgrade, every new field a value of its own.
 AFTER_UPGRADE = CallRecord(
     request_id="req_after_upgrade",
@@ -72,6 +72,7 @@ AFTER_UPGRADE = CallRecord(
     input_characters=4321,
     upstream_ms=7.5,
     ws_session_id="sess_after_upgrade",
+    rejected_by="requests_per_day",
 )
 # `requests` as commit 0c35914 created it on PostgreSQL (`gateway.ledger.postgres.SCHEMA_SQL`).
 POSTGRES_V1_DDL = [
@@ -241,6 +242,7 @@ async def test_the_0c35914_ledger_is_upgraded_in_place_with_every_value_kept(tmp
         ("input_characters", "INTEGER", "0"),
         ("upstream_ms", "REAL", None),
         ("ws_session_id", "TEXT", None),
+        ("rejected_by", "TEXT", None),
     ]
     tables = {name for (name,) in sqlite_read(path, "SELECT name FROM sqlite_master")}
     assert {"requests", "objects", "api_keys", "batches", "gateway_schema"} <= tables
@@ -293,6 +295,7 @@ async def test_rows_written_after_the_sqlite_upgrade_carry_every_new_field(tmp_p
         "input_characters": 4321,
         "upstream_ms": 7.5,
         "ws_session_id": "sess_after_upgrade",
+        "rejected_by": "requests_per_day",
     }
     assert sqlite_old_rows(path) == sorted([*fixture_rows(), _old_part(AFTER_UPGRADE)])
 
@@ -550,6 +553,7 @@ async def test_a_version_1_postgres_ledger_is_upgraded_in_place_with_every_value
         ("input_characters", "bigint", "0"),
         ("upstream_ms", "double precision", None),
         ("ws_session_id", "text", None),
+        ("rejected_by", "text", None),
     ]
 
     # A second open: nothing to do; the version row is the one the upgrade wrote.
@@ -651,12 +655,16 @@ async def test_a_postgres_read_of_an_empty_database_creates_nothing(pg_dsn: str)
     assert await pg_fetch(pg_dsn, "SELECT to_regclass('gateway_schema')::text") == [(None,)]
 
 
-async def test_a_version_4_ledger_gains_ws_session_id_and_the_batches_table(tmp_path: Path):
-    # A ledger as version 4 wrote it: no ws_session_id, no batches table, version 4 recorded.
+async def test_a_version_4_ledger_gains_the_version_5_columns_and_the_batches_table(
+    tmp_path: Path,
+):
+    # A ledger as version 4 wrote it: no ws_session_id or rejected_by, no batches table.
     path = old_ledger(tmp_path)
     prepare_database(path)
     with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("DROP INDEX requests_refused")
         db.execute("ALTER TABLE requests DROP COLUMN ws_session_id")
+        db.execute("ALTER TABLE requests DROP COLUMN rejected_by")
         db.execute("DROP TABLE batches")
     set_sqlite_version(path, 4)
     rows = sqlite_read(path, "SELECT * FROM requests ORDER BY request_id")
@@ -667,8 +675,9 @@ async def test_a_version_4_ledger_gains_ws_session_id_and_the_batches_table(tmp_
     await ledger.close()
 
     assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
-    assert sqlite_columns(path)[-1] == ("ws_session_id", "TEXT", None)
+    assert sqlite_columns(path)[-2:] == [("ws_session_id", "TEXT", None),
+                                         ("rejected_by", "TEXT", None)]  # fmt: skip
     after = sqlite_read(path, "SELECT * FROM requests ORDER BY request_id")
-    assert [row[:-1] for row in after if row[0] != AFTER_UPGRADE.request_id] == rows
+    assert [row[:-2] for row in after if row[0] != AFTER_UPGRADE.request_id] == rows
     assert sqlite_read(path, "SELECT COUNT(*) FROM requests WHERE ws_session_id IS NULL") == [(10,)]
     assert sqlite_read(path, "SELECT COUNT(*) FROM batches") == [(0,)]

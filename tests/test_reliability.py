@@ -950,12 +950,15 @@ async def test_a_key_never_sees_another_teams_data(gateway: Gateway):
         assert (status, me["team"], me["key_id"]) == (200, "product", "product-web")
         prying = [
             {}, {"keys": "research-dev"}, {"api_key_ids": "research-dev"},
-            {"teams": "research"}, {"project_ids": "research"}, {"group_by": "key"},
+            {"teams": "research"}, {"project_ids": "research"}, {"group_by": "model"},
         ]  # fmt: skip
         for params in prying:
             status, usage = await get("/gateway/me/usage", start_time=day, **params)
             assert (status, usage["key_id"]) == (200, "product-web"), params
             assert sum(bucket["requests"] for bucket in usage["data"]) == 1, params
+        for group in ("key", "team"):  # a key holder groups by model only
+            status, usage = await get("/gateway/me/usage", start_time=day, group_by=group)
+            assert (status, usage["error"]["param"]) == (400, "group_by")
 
 
 def test_upstream_key_never_reaches_clients_logs_errors_or_the_ledger(tmp_path: Path):

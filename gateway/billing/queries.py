@@ -236,3 +236,44 @@ async def spend_since(reader: LedgerReader, column: str, value: str, since: floa
 def now() -> int:
     """The default end_time: calls made during the current second are included."""
     return math.ceil(time.time())
+
+
+CALL_FIELDS = (
+    "request_id", "started_at", "path", "model", "stream", "status", "outcome", "error_code",
+    "input_tokens", "output_tokens", "cost_nanousd", "latency_ms", "ttfb_ms",
+)  # fmt: skip
+ADMIN_CALL_FIELDS = ("team", "key_id", *CALL_FIELDS)
+
+
+async def latest_calls(
+    reader: LedgerReader,
+    fields: Sequence[str],
+    filters: dict[str, str],
+    limit: int,
+    before: tuple[float, str] | None = None,
+) -> list[Row]:
+    """Up to `limit` calls, newest first (`started_at`, then `request_id`), matching the
+    `filters` (column → value), strictly before `before` (its `started_at` and id)."""
+    clauses = [f"{column} = ?" for column in filters]
+    params: list[object] = list(filters.values())
+    if before is not None:
+        clauses.append("(started_at < ? OR (started_at = ? AND request_id < ?))")
+        params += [before[0], before[0], before[1]]
+    where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+    return await reader.rows(
+        f"SELECT {', '.join(fields)} FROM requests {where}"
+        "ORDER BY started_at DESC, request_id DESC LIMIT ?",
+        [*params, limit],
+    )
+
+
+async def refusals(reader: LedgerReader, start: float, end: float) -> list[Row]:
+    """Refused calls by team, key, limit and code (the partial index on refused rows)."""
+    return await reader.rows(
+        "SELECT team, key_id, rejected_by, error_code, status, COUNT(*) AS refused "
+        "FROM requests WHERE outcome IN ('rejected', 'queue_timeout') "
+        "AND started_at >= ? AND started_at < ? "
+        "GROUP BY team, key_id, rejected_by, error_code, status "
+        "ORDER BY refused DESC, team, key_id",
+        [start, end],
+    )

@@ -54,7 +54,8 @@ def cmd_invoice(args: argparse.Namespace) -> int:
     invoice = with_reader(
         config, lambda reader: build_invoice(reader, config, args.team, args.month)
     )
-    print(render_invoice(invoice, args.format))
+    text = render_invoice(invoice, args.format)
+    print(text, end="" if text.endswith("\n") else "\n")  # a CSV ends with its own line end
     return EXIT_OK
 
 

@@ -74,6 +74,8 @@ class CallRecord:
     upstream_ms: float | None = None
     # Version 5 (SPEC "Every OpenAI surface"): the WebSocket session a response was part of.
     ws_session_id: str | None = None
+    # The limit that refused a call (its config name, `queue` for a full or timed-out queue).
+    rejected_by: str | None = None
 
 
 _COLUMN_TYPES = {
@@ -122,6 +124,7 @@ _COLUMN_TYPES = {
     "upstream_ms": "REAL",
     # Version 5.
     "ws_session_id": "TEXT",
+    "rejected_by": "TEXT",
 }
 COLUMNS = tuple(f.name for f in fields(CallRecord))
 assert tuple(_COLUMN_TYPES) == COLUMNS, "CallRecord and the schema must list the same columns"
@@ -139,6 +142,9 @@ REQUEST_INDEXES = [
     "CREATE INDEX IF NOT EXISTS requests_started_at ON requests (started_at)",
     "CREATE INDEX IF NOT EXISTS requests_team_started_at ON requests (team, started_at)",
     "CREATE INDEX IF NOT EXISTS requests_key_started_at ON requests (key_id, started_at)",
+    # The few refused calls, for the portal's "which limits are hit" without a range scan.
+    "CREATE INDEX IF NOT EXISTS requests_refused ON requests (started_at)"
+    " WHERE outcome IN ('rejected', 'queue_timeout')",
 ]
 # Who owns each object created through the gateway (`gateway.ledger.object_store`).
 OBJECT_COLUMN_TYPES = {
@@ -201,9 +207,9 @@ BATCH_INDEXES = ["CREATE INDEX IF NOT EXISTS batches_pending ON batches (billed_
 # releases that recorded none (no `gateway_schema` table); version 2 added the columns from
 # `cache_write_tokens` on, version 3 `upstream_ms`, version 4 the `api_keys` and
 # `notifications` tables (a gateway of an older release would not see the keys issued or
-# revoked there), version 5 `ws_session_id` and the `batches` table. An older ledger is
-# upgraded in place at start by adding what it lacks; a newer one is refused (this code would
-# not write what its readers expect).
+# revoked there), version 5 `ws_session_id`, `rejected_by` and the `batches` table. An older
+# ledger is upgraded in place at start by adding what it lacks; a newer one is refused (this
+# code would not write what its readers expect).
 SCHEMA_VERSION = 5
 VERSION_COLUMN_TYPES = {"version": "INTEGER NOT NULL"}
 SCHEMA = [

@@ -137,6 +137,7 @@ class Limiter:
                 QUEUE_FULL,
                 f"The queue of team '{team.name}' is full ({team.queue.max_depth} waiting).",
                 retry_after_s=1,
+                limit="queue",
             )
         place = object()
         queue.append(place)
@@ -200,6 +201,7 @@ class Limiter:
                     retry_after_s=max(1, math.ceil(retry_after))
                     if math.isfinite(retry_after)
                     else 1,
+                    limit="queue",
                 )
             changed = self._changes.setdefault(team.name, asyncio.Event())
             with contextlib.suppress(TimeoutError):

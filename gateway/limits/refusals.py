@@ -76,4 +76,5 @@ def limit_error(refusal: Refusal) -> GatewayError:
         retry_after_s=max(1, math.ceil(refusal.retry_after_s))
         if math.isfinite(refusal.retry_after_s)
         else 60,
+        limit=refusal.window,
     )

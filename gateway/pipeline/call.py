@@ -116,6 +116,7 @@ def conclude(call: Call, ending: Ending) -> None:
         kind = ending.error.kind
         record.status, record.outcome = kind.status, kind.outcome.value
         record.error_code = kind.code
+        record.rejected_by = ending.error.limit
         return
     if ending.kind == "fault":
         record.outcome, record.error_code = Outcome.GATEWAY_ERROR.value, GATEWAY_FAULT.code

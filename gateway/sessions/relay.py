@@ -272,6 +272,7 @@ class Session:
         record = self._new_record(time.time(), self.model)
         record.status, record.outcome = error.kind.status, error.kind.outcome.value
         record.error_code = error.kind.code or "upstream_refused"
+        record.rejected_by = error.limit
         record.stream = 0
         if self.admission is not None and error.kind.outcome is Outcome.REJECTED:
             record.queued_ms = self.admission.queued_ms
@@ -417,6 +418,7 @@ class Session:
         record = self._new_record(started_at, model)
         record.status, record.outcome = error.kind.status, error.kind.outcome.value
         record.error_code = error.kind.code
+        record.rejected_by = error.limit
         record.request_bytes = size
         self.billed_up += size
         record.finished_at = time.time()

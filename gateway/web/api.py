@@ -55,6 +55,14 @@ class UsageApi:
         # The pipeline's: with the API's keys, their revocations and rotation graces.
         self._authenticator = authenticator or (lambda: Authenticator(self._config()))
 
+    @property
+    def config(self) -> GatewayConfig:
+        return self._config()
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return self._authenticator()
+
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/gateway/me", self.me),
@@ -97,31 +105,51 @@ class UsageApi:
         }
 
     async def me_usage(self, request: web.Request) -> web.Response:
-        """The caller's own key's usage over time (for the portal's charts)."""
+        """The caller's own key's usage over time (the portal's charts): per bucket the sums,
+        the latency p50/p95, and `results[]`, one per `group_by` group (`model`; the admin
+        key: every key, grouped by any of `team,key,model`)."""
         config = self._config()
         try:
-            caller = _key_holder(config, self._authenticator(), request)
+            caller = (
+                None
+                if is_admin(config, request)
+                else _key_holder(config, self._authenticator(), request)
+            )
             query = _usage_query(request.query, default_width="1d")
-            _only(query.group_by, set(GROUP_COLUMNS))
-            query.group_by, query.teams = [], []
-            query.key_ids = [caller.key.id]
+            _only(query.group_by, {"model"} if caller is not None else {"team", "key", "model"})
+            if caller is not None:
+                query.teams, query.key_ids = [], [caller.key.id]
             check_query(query)
             await self.flush()
-            page = await bucket_page(self.ledger, query, limits=BUCKET_LIMITS["1m"])
+            whole = UsageQuery(**{**vars(query), "group_by": []})
+            limits = BUCKET_LIMITS["1m"]
+            totals = await bucket_page(self.ledger, whole, limits=limits, percentiles=True)
+            grouped = (
+                await bucket_page(self.ledger, query, limits=limits) if query.group_by else totals
+            )
         except (GatewayError, QueryError) as error:
             return error_response(error)
         data = []
-        for bucket in page.buckets:
+        for bucket, groups in zip(totals.buckets, grouped.buckets, strict=True):
             sums = bucket.groups[0] if bucket.groups else {}
             data.append(
                 {
                     "start_time": bucket.start_time,
                     "end_time": bucket.end_time,
                     **{field: int(sums.get(field) or 0) for field in _ME_FIELDS},
+                    "latency_p50_ms": sums.get("latency_p50_ms"),
+                    "latency_p95_ms": sums.get("latency_p95_ms"),
+                    "results": [_group_result(group) for group in groups.groups],
                 }
             )
         return web.json_response(
-            {"key_id": caller.key.id, "bucket_width": query.bucket_width, "data": data}
+            {
+                "key_id": caller.key.id if caller else None,
+                "bucket_width": query.bucket_width,
+                "data": data,
+                "has_more": totals.has_more,
+                "next_page": totals.next_page,
+            }
         )
 
     # ------------------------------------------------------------ admin
@@ -249,11 +277,28 @@ _ME_FIELDS = (
 )  # fmt: skip
 
 
-def check_admin(config: GatewayConfig, request: web.Request) -> None:
-    """Refuse (401 `invalid_admin_key`) unless the caller presents the admin key."""
+def is_admin(config: GatewayConfig, request: web.Request) -> bool:
+    """The caller presents the admin key (set, and equal in constant time)."""
     expected = os.environ.get(config.admin.key_env, "")
     presented = bearer_secret(request.headers.get("Authorization")) or ""
-    if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+    return bool(expected) and hmac.compare_digest(presented.encode(), expected.encode())
+
+
+def _group_result(group: dict[str, Any]) -> dict[str, Any]:
+    """One group of a bucket: its names (`team`, `key`, `model`) and its sums as integers."""
+    result: dict[str, Any] = {
+        name: group[column] for column, name in _GROUP_NAMES if column in group
+    }
+    result.update({field: int(group.get(field) or 0) for field in _ME_FIELDS})
+    return result
+
+
+_GROUP_NAMES = (("team", "team"), ("key_id", "key"), ("model", "model"))
+
+
+def check_admin(config: GatewayConfig, request: web.Request) -> None:
+    """Refuse (401 `invalid_admin_key`) unless the caller presents the admin key."""
+    if not is_admin(config, request):
         raise GatewayError(ADMIN_UNAUTHORIZED, "This endpoint needs the gateway's admin key.")
 
 
