@@ -22,6 +22,7 @@ from gateway.batches.watcher import BatchWatcher
 from gateway.config.loader import GatewayConfig
 from gateway.errors import NOT_FOUND, error_body
 from gateway.ledger.object_store import ObjectStore, make_object_store
+from gateway.ledger.sealer import RollupSealer
 from gateway.ledger.storage import make_ledger
 from gateway.ledger.writer import LedgerWriter
 from gateway.limits.admission import Limiter
@@ -84,6 +85,7 @@ KEY_SYNC = web.AppKey("key_sync", KeySync)
 NOTIFIER = web.AppKey("notifier", Notifier)
 SESSIONS = web.AppKey("sessions", Sessions)
 BATCHES = web.AppKey("batches", BatchWatcher)
+SEALER = web.AppKey("sealer", RollupSealer)
 
 
 def build_app(config: GatewayConfig) -> web.Application:
@@ -97,6 +99,7 @@ def build_app(config: GatewayConfig) -> web.Application:
     app[LIMITER] = limiter
     app[OBJECTS] = object_store
     app[READY] = asyncio.Event()
+    app[SEALER] = RollupSealer(config.storage)
     runtime = app[RUNTIME] = Runtime(config, handler)
     key_sync = app[KEY_SYNC] = KeySync(make_key_store(config.storage), runtime.use_api_keys)
     ledger.on_flush.append(handler.call_log.flush)  # call log lines go out on the same beat
@@ -157,6 +160,12 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
     await app[LEDGER].open()
     yield
     await app[LEDGER].close()
+
+
+async def _rollups(app: web.Application) -> AsyncIterator[None]:
+    await app[SEALER].start()  # after the ledger: its tables are in the ledger's schema
+    yield
+    await app[SEALER].close()
 
 
 async def _object_store(app: web.Application) -> AsyncIterator[None]:
@@ -224,8 +233,8 @@ async def _readiness(app: web.Application) -> AsyncIterator[None]:
 
 
 RESOURCES = (
-    _call_log, _ledger, _object_store, _api_keys, _limiter, _notifications, _upstream, _batches,
-    _readiness,
+    _call_log, _ledger, _rollups, _object_store, _api_keys, _limiter, _notifications, _upstream,
+    _batches, _readiness,
 )  # fmt: skip
 
 

@@ -31,7 +31,9 @@ from gateway.billing.queries import (
 from gateway.billing.reports import build_invoice
 from gateway.config.loader import parse_config
 from gateway.ledger.readers import SqliteReader
+from gateway.ledger.rollups import seal_sqlite
 from gateway.ledger.writer import CallRecord, Ledger
+from gateway.web.api import summed_groups
 
 DAY = 86_400
 TEAMS = [f"team-{n}" for n in range(20)]
@@ -140,13 +142,29 @@ def main() -> None:
         "me/usage, one key, 1d x 30, totals with p50/p95 + by model",
         lambda: both(reader, UsageQuery(start, end, "1d", [], key_ids=[key], limit=30)),
     )
+    portal["me/usage hourly"] = timed(
+        "me/usage, one key, 1h x 48, totals with p50/p95 + by model",
+        lambda: both(reader, UsageQuery(end - 2 * DAY, end, "1h", [], key_ids=[key], limit=48)),
+    )
+    timed(
+        "(before rollups) me/usage, admin, 1d x 14, totals + by team,key,model",
+        lambda: both(reader, UsageQuery(first_of_14, end, "1d", [], limit=14), rolled=False),
+    )
+    began = time.perf_counter()
+    chunks = seal_sqlite(path, end + 2 * 3600)
+    print(f"  sealing the hourly rollups: {chunks} chunks in {time.perf_counter() - began:.1f} s"
+          " (once; then an hour at a time, beside the request path)")  # fmt: skip
     portal["me/usage admin"] = timed(
-        "me/usage, admin, 1d x 14, totals with p50/p95 + by team,key,model",
-        lambda: both(reader, UsageQuery(first_of_14, end, "1d", [], limit=14)),
+        "me/usage, admin, 1d x 14, totals + by team,key,model (rollups)",
+        lambda: both(reader, UsageQuery(first_of_14, end, "1d", [], limit=14), rolled=True),
+    )
+    portal["me/usage admin 30d"] = timed(
+        "me/usage, admin, 1d x 30, totals + by team,key,model (rollups)",
+        lambda: both(reader, UsageQuery(start, end, "1d", [], limit=30), rolled=True),
     )
     portal["me/usage admin hourly"] = timed(
-        "me/usage, admin, 1h x 48, totals with p50/p95 + by team,key,model",
-        lambda: both(reader, UsageQuery(end - 2 * DAY, end, "1h", [], limit=48)),
+        "me/usage, admin, 1h x 48, totals + by team,key,model (rollups)",
+        lambda: both(reader, UsageQuery(end - 2 * DAY, end, "1h", [], limit=48), rolled=True),
     )
     portal["me/calls"] = timed(
         "me/calls, one key, the latest 50",
@@ -161,9 +179,7 @@ def main() -> None:
         "me/calls, admin, the latest 50 of one team",
         lambda: latest_calls(reader, ADMIN_CALL_FIELDS, {"team": "team-3"}, 51),
     )
-    portal["refusals"] = timed(
-        "refusals by limit, 30 days", lambda: refusals(reader, start, end)
-    )
+    portal["refusals"] = timed("refusals by limit, 30 days", lambda: refusals(reader, start, end))
     config = parse_config(
         "limits_timezone: UTC\nteams:\n" + "".join(f"  {t}: {{keys: []}}\n" for t in TEAMS),
         Path("bench.yaml"),
@@ -177,11 +193,18 @@ def main() -> None:
     print(f"slowest portal query: {slowest}, {portal[slowest]:.1f} ms: {verdict}")
 
 
-async def both(reader: SqliteReader, query: UsageQuery) -> None:
-    """What /gateway/me/usage runs: the totals with percentiles, then the grouped sums."""
-    await bucket_page(reader, query, percentiles=True, limits=(60, 1440))
-    grouped = UsageQuery(**{**vars(query), "group_by": ["team", "key", "model"]})
-    await bucket_page(reader, grouped, limits=(60, 1440))
+async def both(reader: SqliteReader, query: UsageQuery, rolled: bool | None = None) -> None:
+    """What /gateway/me/usage runs: a key's totals with exact percentiles from its rows, then
+    its sums by model (`rolled` None); the admin's sums by team, key and model from the
+    rollups, whose per-bucket totals are summed from those groups (`rolled` True), or the same
+    two queries as a key's over every row (`rolled` False: before rollups)."""
+    if rolled:
+        grouped = UsageQuery(**{**vars(query), "group_by": ["team", "key", "model"]})
+        summed_groups(await bucket_page(reader, grouped, limits=(60, 1440), rollups=True))
+        return
+    await bucket_page(reader, query, percentiles=rolled is None, limits=(60, 1440))
+    by = ["model"] if rolled is None else ["team", "key", "model"]
+    await bucket_page(reader, UsageQuery(**{**vars(query), "group_by": by}), limits=(60, 1440))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from gateway.config.loader import GatewayConfig
 from gateway.ledger.readers import LedgerReader
+from gateway.ledger.rollups import UNSEAL, hour_of, unseal
 from gateway.metering.usage import CallUsage
 from gateway.pricing.arithmetic import format_usd
 from gateway.pricing.book import PriceBook
@@ -80,5 +81,15 @@ async def reprice(
             entry[2] += new
         updates.append((new, book.content_hash, int(not priced), row["request_id"]))
     if apply and updates:
+        # The rollups of the hours repriced are dropped before and after the change (a seal
+        # in between would sum the old costs), so they are summed again from the new ones.
+        await unseal_since(reader, since)
         await reader.execute_many(_UPDATE, updates)
+        await unseal_since(reader, since)
     return result
+
+
+async def unseal_since(reader: LedgerReader, since: float) -> None:
+    await reader.execute_many(UNSEAL, [(float(hour_of(since)), since)])
+    for statement, params in unseal(since):
+        await reader.execute_many(statement, [params])

@@ -19,6 +19,15 @@ from typing import Any
 import asyncpg
 
 from gateway.ledger.readers import POSTGRES, Row
+from gateway.ledger.rollups import (
+    ROLLUP_COLUMN_TYPES,
+    ROLLUP_STATE_COLUMN_TYPES,
+    ROLLUP_STATEMENTS,
+    UNSEAL,
+    first_started,
+    hour_of,
+    unseal,
+)
 from gateway.ledger.storage import StorageError
 from gateway.ledger.writer import (
     _COLUMN_TYPES,
@@ -68,6 +77,10 @@ SCHEMA_SQL = [  # SQLite's tables and indexes: same names, same columns
     *NOTIFICATION_INDEXES,
     create_table("batches", BATCH_COLUMN_TYPES, _column_type),
     *BATCH_INDEXES,
+    create_table("usage_hourly", ROLLUP_COLUMN_TYPES, _column_type),
+    create_table("usage_daily", ROLLUP_COLUMN_TYPES, _column_type),
+    create_table("rollup_state", ROLLUP_STATE_COLUMN_TYPES, _column_type),
+    *ROLLUP_STATEMENTS,
     create_table("gateway_schema", VERSION_COLUMN_TYPES, _column_type),
 ]
 # Gateways sharing one database may start together: one creates or upgrades it at a time.
@@ -215,6 +228,11 @@ class PostgresLedger(LedgerWriter):
                     "requests_batch", records=records, columns=COLUMNS
                 )
                 await connection.execute(_MERGE)
+                first = first_started(records)
+                hour = float(hour_of(first))
+                if (await connection.execute(numbered(UNSEAL), hour, first)).endswith(" 1"):
+                    for statement, params in unseal(first):
+                        await connection.execute(numbered(statement), *params)
         except BaseException:
             # Whatever state the connection is in, the retry starts on a fresh one.
             await self._drop_connection()

@@ -20,6 +20,15 @@ from pathlib import Path
 import aiosqlite
 
 from gateway.ledger.readers import SqliteReader
+from gateway.ledger.rollups import (
+    ROLLUP_COLUMN_TYPES,
+    ROLLUP_STATE_COLUMN_TYPES,
+    ROLLUP_STATEMENTS,
+    UNSEAL,
+    first_started,
+    hour_of,
+    unseal,
+)
 
 log = logging.getLogger("gateway.ledger")
 
@@ -207,7 +216,8 @@ BATCH_INDEXES = ["CREATE INDEX IF NOT EXISTS batches_pending ON batches (billed_
 # releases that recorded none (no `gateway_schema` table); version 2 added the columns from
 # `cache_write_tokens` on, version 3 `upstream_ms`, version 4 the `api_keys` and
 # `notifications` tables (a gateway of an older release would not see the keys issued or
-# revoked there), version 5 `ws_session_id`, `rejected_by` and the `batches` table. An older
+# revoked there), version 5 `ws_session_id`, `rejected_by`, the `batches` table and the hourly
+# rollups (`gateway.ledger.rollups`: a cache, rebuilt from `requests`). An older
 # ledger is upgraded in place at start by adding what it lacks; a newer one is refused (this
 # code would not write what its readers expect).
 SCHEMA_VERSION = 5
@@ -222,6 +232,10 @@ SCHEMA = [
     *NOTIFICATION_INDEXES,
     create_table("batches", BATCH_COLUMN_TYPES),
     *BATCH_INDEXES,
+    create_table("usage_hourly", ROLLUP_COLUMN_TYPES),
+    create_table("usage_daily", ROLLUP_COLUMN_TYPES),
+    create_table("rollup_state", ROLLUP_STATE_COLUMN_TYPES),
+    *ROLLUP_STATEMENTS,
     create_table("gateway_schema", VERSION_COLUMN_TYPES),
 ]
 WRITE_VERSION = ["DELETE FROM gateway_schema", "INSERT INTO gateway_schema (version) VALUES (?)"]
@@ -443,6 +457,12 @@ class Ledger(LedgerWriter):
     async def _write(self, batch: list[tuple]) -> None:
         assert self._db is not None
         await self._db.executemany(_INSERT, batch)
+        # A row for an hour already summed into the rollups unseals it, in this transaction.
+        first = first_started(batch)
+        unsealed = await self._db.execute(UNSEAL, (hour_of(first), first))
+        if unsealed.rowcount:
+            for statement, params in unseal(first):
+                await self._db.execute(statement, params)
         await self._db.commit()
 
     async def _disconnect(self) -> None:

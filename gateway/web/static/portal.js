@@ -186,6 +186,8 @@ function renderCharts(buckets, unit) {
   ], (v) => formatInt(Math.round(v)));
   barChart($("chart-tokens"), buckets, [{ name: "tokens", label: "tokens", value: (b) => b.input_tokens + b.output_tokens }],
     (v) => formatInt(Math.round(v)));
+  // The admin's usage is summed from hourly rollups: latency percentiles are per key.
+  $("chart-latency").closest("figure").hidden = state.admin;
   lineChart($("chart-latency"), buckets, [
     { name: "p50", label: "p50", value: (b) => b.latency_p50_ms },
     { name: "p95", label: "p95", value: (b) => b.latency_p95_ms },
