@@ -105,19 +105,27 @@ function renderMe(me) {
   $("me").hidden = false;
 }
 
-// A bar chart with a y axis (0, half, max, in the chart's unit) and dates under it.
-function barChart(element, buckets, series, format) {
-  const width = 600, height = 220, left = 112, bottom = 28, top = 12;
-  const totals = buckets.map((b) => series.reduce((sum, s) => sum + s.value(b), 0));
-  const max = Math.max(...totals, 0) || 1;
+// A chart's frame: the SVG, a y axis (0, half, max, in the chart's unit) and the geometry.
+const FRAME = { width: 600, height: 220, left: 112, bottom: 28, top: 12 };
+
+function chartFrame(element, buckets, max, formatTick) {
+  const { width, height, left, bottom, top } = FRAME;
   const plotHeight = height - bottom - top;
   const step = (width - left) / Math.max(1, buckets.length);
   const svg = svgEl("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": element.id });
   for (const tick of [0, max / 2, max]) {
     const y = top + plotHeight - (plotHeight * tick) / max;
     svg.append(svgEl("line", { x1: left, x2: width, y1: y, y2: y, class: "grid" }));
-    svg.append(svgEl("text", { x: left - 6, y: y + 6, "text-anchor": "end" }, format(tick)));
+    svg.append(svgEl("text", { x: left - 6, y: y + 6, "text-anchor": "end" }, formatTick(tick)));
   }
+  return { svg, step, plotHeight, top, left, height };
+}
+
+// A (stacked) bar chart with dates under it.
+function barChart(element, buckets, series, format) {
+  const totals = buckets.map((b) => series.reduce((sum, s) => sum + s.value(b), 0));
+  const max = Math.max(...totals, 0) || 1;
+  const { svg, step, plotHeight, top, left, height } = chartFrame(element, buckets, max, format);
   buckets.forEach((bucket, i) => {
     let base = top + plotHeight;
     for (const s of series) {
@@ -145,17 +153,10 @@ function axisDates(svg, buckets, left, step, height) {
 }
 
 function lineChart(element, buckets, series) {
-  const width = 600, height = 220, left = 112, bottom = 28, top = 12;
   const values = buckets.flatMap((b) => series.map((s) => s.value(b)).filter((v) => v !== null && v !== undefined));
   const max = Math.max(...values, 0) || 1;
-  const plotHeight = height - bottom - top;
-  const step = (width - left) / Math.max(1, buckets.length);
-  const svg = svgEl("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": element.id });
-  for (const tick of [0, max / 2, max]) {
-    const y = top + plotHeight - (plotHeight * tick) / max;
-    svg.append(svgEl("line", { x1: left, x2: width, y1: y, y2: y, class: "grid" }));
-    svg.append(svgEl("text", { x: left - 6, y: y + 6, "text-anchor": "end" }, `${tick.toFixed(tick < 10 ? 1 : 0)} ms`));
-  }
+  const { svg, step, plotHeight, top, left, height } = chartFrame(
+    element, buckets, max, (tick) => `${tick.toFixed(tick < 10 ? 1 : 0)} ms`);
   for (const s of series) {
     const points = buckets.map((b, i) => [i, s.value(b)]).filter(([, v]) => v !== null && v !== undefined);
     if (!points.length) continue;
