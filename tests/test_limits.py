@@ -81,13 +81,21 @@ async def test_queue_mode_lets_all_through_paced_at_the_rate_and_none_early(make
     results = await asyncio.gather(*(call(client) for _ in range(126)))
     assert statuses(results) == [200] * 126
     rows = await gateway.rows()
-    admitted = sorted(r["started_at"] + r["queued_ms"] / 1000 - started for r in rows)
-    queued = admitted[120:]
-    # 2 per second after the burst of 120: the k-th extra call not before k/2 s.
-    for k, moment in enumerate(queued, start=1):
-        assert moment >= k * 0.5 - 0.02, (k, moment)
-    assert queued[-1] < 3 + 1.5
-    assert sum(1 for r in rows if r["queued_ms"] > 100) == 6
+    # (admitted, arrived), in seconds after the first call was sent, in order of admission
+    moments = sorted(
+        (r["started_at"] + r["queued_ms"] / 1000 - started, r["started_at"] - started)
+        for r in rows
+    )
+    queued = moments[120:]
+    # 2 per second after the burst of 120: the k-th extra call not before k/2 s, and not
+    # later than 1 s after both its arrival and its turn (on a busy machine the burst itself
+    # can take seconds to arrive: a call is late only against its own arrival).
+    for k, (admitted, arrived) in enumerate(queued, start=1):
+        assert admitted >= k * 0.5 - 0.02, (k, admitted)
+        assert admitted <= max(arrived, k * 0.5) + 1.0, (k, admitted, arrived)
+    # Only the 6 over the burst ever wait (fewer when the burst took long to arrive: the
+    # bucket refilled meanwhile); the pacing itself is the lower bound above.
+    assert sum(1 for r in rows if r["queued_ms"] > 100) <= 6
 
 
 async def test_key_and_team_limits_combine_and_the_tighter_wins(make_gateway):
