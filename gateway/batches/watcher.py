@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -38,11 +39,8 @@ log = logging.getLogger("gateway.batches")
 
 ENDED = frozenset({"completed", "cancelled", "expired", "failed"})
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
-_USAGE_FIELDS = (
-    "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
-    "cache_write_tokens", "audio_input_tokens", "audio_output_tokens", "image_input_tokens",
-    "image_output_tokens", "rejected_prediction_tokens", "web_search_calls", "file_search_calls",
-)  # fmt: skip
+# The counts of a `Usage` (every int field): what summing answers adds up.
+_USAGE_FIELDS = tuple(f.name for f in fields(Usage) if f.type == "int")
 
 
 class BatchWatcher:
@@ -247,7 +245,7 @@ def summed_output_usage(content: bytes, model: str | None) -> tuple[Usage | None
             continue
         for name in _USAGE_FIELDS:
             setattr(total, name, getattr(total, name) + getattr(usage, name))
-        total.audio_seconds += usage.audio_seconds
+        total.audio_seconds += usage.audio_seconds  # the one count that is a float
     if total is not None:
         total.service_tier = None  # batch prices are their own tier
     return total, model

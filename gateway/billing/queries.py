@@ -13,7 +13,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gateway.ledger.readers import LedgerReader, Row, count_where
+from gateway.ledger.readers import LedgerReader, Row
+from gateway.ledger.rollups import ROLLED_UP_SUMS, ROW_SUMS, SUMMED
 
 BUCKET_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 HOUR, DAY = 3600, 86400
@@ -74,11 +75,7 @@ class Page:
     next_page: str | None
 
 
-_SUMS = f"""COUNT(*) AS requests, {count_where("outcome != 'ok'")} AS errors,
-  SUM(request_bytes) AS request_bytes, SUM(response_bytes) AS response_bytes,
-  SUM(input_tokens) AS input_tokens, SUM(cached_input_tokens) AS cached_input_tokens,
-  SUM(output_tokens) AS output_tokens, SUM(reasoning_tokens) AS reasoning_tokens,
-  SUM(cost_nanousd) AS cost_nanousd"""
+_SUMS = ROW_SUMS
 
 
 def check_query(query: UsageQuery, *, max_width: str | None = None) -> None:
@@ -169,11 +166,11 @@ async def _fill_from_rollups(
     hours_to = max(days_to, min(sealed_until, end - end % HOUR))
     columns = list(dict.fromkeys(GROUP_COLUMNS[g] for g in query.group_by))
     select = "".join(f", {c}" for c in columns)
-    names = (*columns, *_ROLLED_UP)
+    names = (*columns, *SUMMED)
     parts = []
     for table, start, stop, sums, column in (
-        ("usage_daily", first, days_to, _ROLLED_UP_SUMS, "hour"),
-        ("usage_hourly", days_to, hours_to, _ROLLED_UP_SUMS, "hour"),
+        ("usage_daily", first, days_to, ROLLED_UP_SUMS, "hour"),
+        ("usage_hourly", days_to, hours_to, ROLLED_UP_SUMS, "hour"),
         ("requests", hours_to, end, _SUMS, "started_at"),
     ):
         if start >= stop:
@@ -201,13 +198,6 @@ async def _fill_from_rollups(
                     held[i] = (held[i] or 0) + (value or 0)
     for key in sorted(merged, key=lambda k: tuple((v is not None, v) for v in k)):
         buckets[key[0]].groups.append(dict(zip(names, (*key[1:], *merged[key]), strict=True)))
-
-
-_ROLLED_UP = (
-    "requests", "errors", "request_bytes", "response_bytes", "input_tokens",
-    "cached_input_tokens", "output_tokens", "reasoning_tokens", "cost_nanousd",
-)  # fmt: skip
-_ROLLED_UP_SUMS = ", ".join(f"SUM({name}) AS {name}" for name in _ROLLED_UP)
 
 
 def _where(

@@ -23,6 +23,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from gateway.ledger.readers import count_where
+
 SEAL_DELAY_S = 3600.0
 SEAL_CHUNK_S = 86_400  # the hours sealed per transaction: the write lock is held briefly
 HOUR, DAY = 3600, 86_400
@@ -43,22 +45,25 @@ ROLLUP_STATEMENTS = [
     "INSERT INTO rollup_state (sealed_until, daily_until) SELECT 0, 0 WHERE NOT EXISTS "
     "(SELECT 1 FROM rollup_state)",
 ]
-_SUMS = (
-    "COUNT(*), SUM(CASE WHEN outcome != 'ok' THEN 1 ELSE 0 END), SUM(request_bytes), "
-    "SUM(response_bytes), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), "
-    "SUM(reasoning_tokens), SUM(cost_nanousd)"
+# The sums of a group of ledger rows (the usage queries' too), and of a group of rollup rows.
+_ERRORS = count_where("outcome != 'ok'")
+ROW_SUMS = ", ".join(
+    ["COUNT(*) AS requests", f"{_ERRORS} AS errors"]
+    + [f"SUM({name}) AS {name}" for name in SUMMED[2:]]
 )
+ROLLED_UP_SUMS = ", ".join(f"SUM({name}) AS {name}" for name in SUMMED)
 SEAL = (
     f"INSERT INTO usage_hourly (hour, {', '.join(GROUPS)}, {', '.join(SUMMED)}) "
-    f"SELECT CAST(FLOOR(started_at / {HOUR}) AS BIGINT) * {HOUR}, {', '.join(GROUPS)}, {_SUMS} "
+    f"SELECT CAST(FLOOR(started_at / {HOUR}) AS BIGINT) * {HOUR}, {', '.join(GROUPS)}, "
+    f"{ROW_SUMS} "
     f"FROM requests WHERE started_at >= ? AND started_at < ? GROUP BY 1, {', '.join(GROUPS)}"
 )
 # Whole days from the sealed hours (the `hour` column of `usage_daily` holds the day's start).
 SEAL_DAYS = (
     f"INSERT INTO usage_daily (hour, {', '.join(GROUPS)}, {', '.join(SUMMED)}) "
     f"SELECT CAST(FLOOR(hour / {DAY}) AS BIGINT) * {DAY}, {', '.join(GROUPS)}, "
-    f"{', '.join(f'SUM({name})' for name in SUMMED)} "
-    f"FROM usage_hourly WHERE hour >= ? AND hour < ? GROUP BY 1, {', '.join(GROUPS)}"
+    f"{ROLLED_UP_SUMS} FROM usage_hourly WHERE hour >= ? AND hour < ? "
+    f"GROUP BY 1, {', '.join(GROUPS)}"
 )
 FIRST_ROW = "SELECT MIN(started_at) FROM requests WHERE started_at >= ?"
 # A row for a sealed hour: unseal from its hour (and day) on, in the writer's transaction.

@@ -42,6 +42,7 @@ from gateway.ledger.writer import CallRecord
 from gateway.limits.store import Admission
 from gateway.limits.windows import Draw
 from gateway.pipeline.call import apply_usage, new_request_id
+from gateway.pipeline.handler import BYTES_PER_TOKEN
 from gateway.sessions import events
 from gateway.sessions.events import REALTIME, RESPONSES
 
@@ -52,7 +53,6 @@ log = logging.getLogger("gateway.sessions")
 
 PATHS = {"/v1/realtime": REALTIME, "/v1/responses": RESPONSES}
 SESSION_HEADER = "x-gateway-request-id"
-BYTES_PER_TOKEN = 4
 CLOSE_GOING_AWAY = 1001
 _KEY_PROTOCOL = "openai-insecure-api-key."  # a browser's way to send its key
 _session_ids = itertools.count(1)

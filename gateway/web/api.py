@@ -65,6 +65,14 @@ class UsageApi:
     def authenticator(self) -> Authenticator:
         return self._authenticator()
 
+    def caller_or_admin(self, request: web.Request) -> Caller | None:
+        """The caller's own key (refused when unknown, revoked or expired), or None for the
+        admin key."""
+        config = self._config()
+        if is_admin(config, request):
+            return None
+        return _key_holder(config, self._authenticator(), request)
+
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/gateway/me", self.me),
@@ -110,13 +118,8 @@ class UsageApi:
         """The caller's own key's usage over time (the portal's charts): per bucket the sums,
         the latency p50/p95, and `results[]`, one per `group_by` group (`model`; the admin
         key: every key, grouped by any of `team,key,model`)."""
-        config = self._config()
         try:
-            caller = (
-                None
-                if is_admin(config, request)
-                else _key_holder(config, self._authenticator(), request)
-            )
+            caller = self.caller_or_admin(request)
             query = _usage_query(request.query, default_width="1d")
             _only(query.group_by, {"model"} if caller is not None else {"team", "key", "model"})
             if caller is not None:

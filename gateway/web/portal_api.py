@@ -25,10 +25,8 @@ from gateway.errors import GatewayError
 from gateway.web.api import (
     UsageApi,
     _int,
-    _key_holder,
     check_admin,
     error_response,
-    is_admin,
 )
 
 DEFAULT_CALLS, MAX_CALLS = 50, 500
@@ -47,19 +45,12 @@ class PortalApi:
             web.get("/gateway/prices", self.prices),
         ]
 
-    def _caller_or_admin(self, request: web.Request) -> Caller | None:
-        """The caller's key, or None for the admin key."""
-        config = self.usage.config
-        if is_admin(config, request):
-            return None
-        return _key_holder(config, self.usage.authenticator, request)
-
     # ------------------------------------------------------------ latest calls
 
     async def calls(self, request: web.Request) -> web.Response:
         """The latest calls, newest first, `limit` at a time, before a request id."""
         try:
-            caller = self._caller_or_admin(request)
+            caller = self.usage.caller_or_admin(request)
             limit = _int(request.query, "limit", 1, MAX_CALLS) or DEFAULT_CALLS
             filters: dict[str, str] = {}
             if caller is not None:
@@ -92,7 +83,7 @@ class PortalApi:
     async def invoice(self, request: web.Request) -> web.Response:
         config = self.usage.config
         try:
-            caller = self._caller_or_admin(request)
+            caller = self.usage.caller_or_admin(request)
             if caller is not None:
                 team = caller.team.name
             else:
