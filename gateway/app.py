@@ -21,6 +21,7 @@ from gateway.batches.store import make_batch_store
 from gateway.batches.watcher import BatchWatcher
 from gateway.config.loader import GatewayConfig
 from gateway.errors import NOT_FOUND, error_body
+from gateway.export.exporter import Exporter, make_exporters
 from gateway.ledger.object_store import ObjectStore, make_object_store
 from gateway.ledger.sealer import RollupSealer
 from gateway.ledger.storage import make_ledger
@@ -86,6 +87,7 @@ NOTIFIER = web.AppKey("notifier", Notifier)
 SESSIONS = web.AppKey("sessions", Sessions)
 BATCHES = web.AppKey("batches", BatchWatcher)
 SEALER = web.AppKey("sealer", RollupSealer)
+EXPORTERS = web.AppKey("exporters", list[Exporter])
 
 
 def build_app(config: GatewayConfig) -> web.Application:
@@ -117,9 +119,10 @@ def build_app(config: GatewayConfig) -> web.Application:
         lambda: handler.config, limiter, make_outbox(config.storage)
     )
     sessions = app[SESSIONS] = Sessions(handler)
+    app[EXPORTERS] = make_exporters(config)
     collector = GatewayCollector(
         handler.stats, lambda: handler.config, limiter, ledger, lambda: handler.in_flight, notifier,
-        sessions.totals,
+        sessions.totals, app[EXPORTERS],
     )  # fmt: skip
     app.router.add_get("/metrics", metrics_handler(collector))
     app.router.add_get("/portal", _to_portal)
@@ -219,6 +222,21 @@ async def _batches(app: web.Application) -> AsyncIterator[None]:
         await watcher.store.close()
 
 
+async def _exports(app: web.Application) -> AsyncIterator[None]:
+    exporters = app[EXPORTERS]
+    if exporters:
+        await exporters[0].store.open()  # after the ledger: its tables are in its schema
+    try:
+        for exporter in exporters:
+            await exporter.start()
+        yield
+    finally:
+        for exporter in exporters:
+            await exporter.close()
+        if exporters:
+            await exporters[0].store.close()
+
+
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     await app[UPSTREAM].start()
     yield
@@ -234,7 +252,7 @@ async def _readiness(app: web.Application) -> AsyncIterator[None]:
 
 RESOURCES = (
     _call_log, _ledger, _rollups, _object_store, _api_keys, _limiter, _notifications, _upstream,
-    _batches, _readiness,
+    _batches, _exports, _readiness,
 )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from gateway.commands.billing import cmd_invoice, cmd_reconcile, cmd_report, cmd_reprice
 from gateway.commands.common import EXIT_FAILURE, EXIT_USAGE
 from gateway.commands.config_file import cmd_check_config, cmd_keys_new
+from gateway.commands.export import cmd_export
 from gateway.commands.keys import (
     cmd_keys_list,
     cmd_keys_new_stored,
@@ -117,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(reconcile)
     reconcile.add_argument("--month", required=True, help="YYYY-MM (UTC days)")
     reconcile.set_defaults(run=cmd_reconcile)
+
+    export = commands.add_parser("export", help="send billable rows to the billing exports")
+    _config_option(export)
+    export.add_argument("--since", help="backfill rows started since: YYYY-MM-DD, ISO time, 7d")
+    export.add_argument("--dry-run", action="store_true", help="count what would be sent")
+    export.add_argument(
+        "--resend", action="store_true", help="with --since: rows already delivered too"
+    )
+    export.add_argument("--status", action="store_true", help="each export's cursor, lag, errors")
+    export.set_defaults(run=cmd_export)
 
     demo = commands.add_parser("demo", help="offline demo: fake upstream, gateway, report")
     demo.set_defaults(run=cmd_demo)

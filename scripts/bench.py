@@ -37,9 +37,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench_report import (
@@ -69,10 +72,12 @@ from harness.load import (
 from harness.machine import (
     NOISY_CPU_PCT,
     can_pin,
+    free_port,
     pin,
     proc_status_kib,
     reset_peak_rss,
     stop_process,
+    wait_for_port,
 )
 from harness.runtime import BenchError, Budget, finish, progress, run_guarded
 from harness.stack import (
@@ -267,6 +272,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-runtime", type=float, default=600.0, help="abort after this many seconds"
     )
     parser.add_argument("--ledger-rows", type=int, default=LEDGER_ROWS)
+    parser.add_argument(
+        "--export",
+        choices=("stripe", "openmeter", "lago", "webhook"),
+        help="also measure the gateway with a billing export of this kind configured (to a "
+        "local fake), alternated twice with the same gateway without one (c=50)",
+    )
     args = parser.parse_args(argv)
     if args.duration is not None and not 0.1 <= args.duration <= 120:
         parser.error("--duration must be between 0.1 and 120 seconds")
@@ -339,6 +350,9 @@ def execute(bench: Bench, stack: Stack, runner: asyncio.Runner, budget: Budget) 
     warm_up(stack, runner, budget, limited, args.client)
     measure(limited, "chat", LIMITED_TEAM_C)
 
+    if args.export:
+        limited.sent += with_and_without_export(bench, stack, runner, budget, measure)
+
     progress(f"download of {bench.download_size / 1e6:,.0f} MB")
     for target in (direct, gateway):
         stack.repin()
@@ -376,6 +390,82 @@ def execute(bench: Bench, stack: Stack, runner: asyncio.Runner, budget: Budget) 
     )
     ledger.rows_in_db = count_rows(ledger_path)[0]
     bench.ledger = ledger
+
+
+EXPORT_ROUNDS = 2
+
+
+@dataclass
+class Spawned:
+    process: subprocess.Popen[bytes]
+
+
+def export_yaml(kind: str, port: int) -> str:
+    url = f"http://127.0.0.1:{port}" + ("/webhook" if kind == "webhook" else "")
+    return (
+        f"export:\n  - kind: {kind}\n    url: {url}\n    api_key_env: BENCH_BILLING_KEY\n"
+        "    event_name: llm_spend\n    value: cost_nanousd\n"
+        "    customers: {bench: cus_bench, limited: cus_limited}\n    interval_s: 1\n"
+    )
+
+
+def with_and_without_export(
+    bench: Bench, stack: Stack, runner: asyncio.Runner, budget: Budget, measure: Callable
+) -> int:
+    """The gateway restarted with an export (to `fake_billing` beside the upstream) and
+    without, alternated; the requests sent. After each run with the export, the time its lag
+    took to reach 0 is noted."""
+    kind = bench.args.export
+    progress(f"the gateway with a {kind} export configured, against none (alternated)")
+    port = free_port()
+    stack.env["FAKE_BILLING_KEY"] = stack.env["BENCH_BILLING_KEY"] = "sk_test_bench_billing"
+    process, log = stack._spawn(
+        ["-m", "gateway.devtools.fake_billing", "--port", str(port)], "billing.log"
+    )
+    wait_for_port(port, process, log)
+    stack.services["billing"] = Spawned(process)
+    plain = stack.config.read_text()
+    sent = 0
+    try:
+        for round_ in range(1, EXPORT_ROUNDS + 1):
+            for name, extra in (("no export", ""), (f"{kind} export", export_yaml(kind, port))):
+                stack.stop_gateway()
+                stack.config.write_text(plain + extra)
+                stack.start_gateway(f"gateway-{kind}-{round_}-{len(extra)}.log")
+                target = Target(f"gateway, {name} #{round_}", "http://127.0.0.1:1/v1",
+                                GATEWAY_SECRET)  # fmt: skip
+                target.port = stack.gateway_port
+                warm_up(stack, runner, budget, target, bench.args.client)
+                measure(target, "chat", LIMITED_TEAM_C)
+                sent += target.sent
+                if extra:
+                    bench.notes.append(export_drained(stack.gateway_port, kind, round_))
+    finally:
+        stop_process(process, 10)
+        del stack.services["billing"]
+        stack.stop_gateway()
+        stack.config.write_text(plain)
+        stack.start_gateway("gateway-after-export.log")
+    return sent
+
+
+def export_drained(port: int, kind: str, round_: int, limit_s: float = 120.0) -> str:
+    """How long after the load the export's lag took to reach 0 (read from /metrics)."""
+    import re
+    import urllib.request
+
+    started = time.monotonic()
+    lag = None
+    while time.monotonic() - started < limit_s:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        found = re.search(rf'gateway_export_lag_rows{{export="{kind}"}} (\d+)', text)
+        lag = int(found.group(1)) if found else None
+        if lag == 0:
+            return (f"{kind} export, round {round_}: every billable row acknowledged"
+                    f" {time.monotonic() - started:.1f} s after the load ended")  # fmt: skip
+        time.sleep(0.5)
+    return f"{kind} export, round {round_}: {lag} row(s) still unacknowledged after {limit_s:.0f} s"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -339,6 +339,24 @@ def goals(bench: Bench) -> list[Goal]:
                 None,
             )
         )
+    kind = bench.args.export if hasattr(bench.args, "export") else None
+    if kind:
+        pairs = [(bench.run(f"gateway, no export #{n}", "chat", LIMITED_TEAM_C),
+                  bench.run(f"gateway, {kind} export #{n}", "chat", LIMITED_TEAM_C))
+                 for n in (1, 2)]  # fmt: skip
+        measured = [
+            f"{on.rps:,.0f} vs {off.rps:,.0f} req/s = {on.rps / off.rps:.0%}"
+            for off, on in pairs
+            if off is not None and on is not None and off.rps
+        ]
+        out.append(
+            Goal(
+                f"(information) the gateway with a {kind} export vs none, c={LIMITED_TEAM_C}, "
+                "alternated",
+                "; ".join(measured) or "–",
+                None,
+            )
+        )
     rows = bench.gateway_rows
     out.append(
         Goal(

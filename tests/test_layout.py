@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
-CONCERNS = {"access", "batches", "billing", "commands", "config", "devtools", "front", "ledger",
-            "limits", "metering", "notify", "pipeline", "pricing", "sessions", "upstream",
+CONCERNS = {"access", "batches", "billing", "commands", "config", "devtools", "export", "front",
+            "ledger", "limits", "metering", "notify", "pipeline", "pricing", "sessions", "upstream",
             "web"}  # fmt: skip
 
 

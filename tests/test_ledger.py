@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ledger.writer import COLUMNS, CallRecord, Ledger
+from gateway.ledger.writer import STORED_COLUMNS, CallRecord, Ledger
 
 SPEC_COLUMNS = {
     "request_id": "TEXT",
@@ -66,7 +66,7 @@ async def test_schema_has_every_spec_column_in_wal_mode(tmp_path: Path):
     columns = table_info(path)
     for name, kind in SPEC_COLUMNS.items():
         assert columns[name] == kind, name
-    assert tuple(columns) == COLUMNS
+    assert tuple(columns) == STORED_COLUMNS
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -25,7 +25,14 @@ import pytest
 from gateway.config.loader import StorageConfig
 from gateway.ledger.postgres import PostgresLedger, safe_dsn
 from gateway.ledger.storage import LedgerTooNew, StorageError, open_reader
-from gateway.ledger.writer import COLUMNS, SCHEMA_VERSION, CallRecord, Ledger, prepare_database
+from gateway.ledger.writer import (
+    COLUMNS,
+    SCHEMA_VERSION,
+    STORED_COLUMNS,
+    CallRecord,
+    Ledger,
+    prepare_database,
+)
 from tests.processes import TEAMS, Stack, free_port
 from tests.services import PostgresServer
 
@@ -188,8 +195,8 @@ def too_new_message(where: str) -> str:
 # ---------------------------------------------------------------- SQLite
 
 
-def test_the_schema_version_this_code_writes_is_5():
-    assert SCHEMA_VERSION == 5
+def test_the_schema_version_this_code_writes_is_6():
+    assert SCHEMA_VERSION == 6
     assert COLUMNS[-len(NEW_COLUMNS) :] == NEW_COLUMNS
     assert dataclasses.astuple(CallRecord("r", 0.0))[-len(NEW_COLUMNS) :] == NEW_DEFAULTS
 
@@ -200,7 +207,7 @@ def test_a_new_sqlite_ledger_is_created_at_the_current_version_with_every_column
     prepare_database(path)
 
     assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
-    assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
+    assert [name for name, _, _ in sqlite_columns(path)] == list(STORED_COLUMNS)
     assert sqlite_read(path, "SELECT COUNT(*) FROM requests") == [(0,)]
 
 
@@ -226,8 +233,8 @@ async def test_the_0c35914_ledger_is_upgraded_in_place_with_every_value_kept(tmp
         0
     ] == ("real", "null")
     assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
-    assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
-    assert sqlite_columns(path)[-len(NEW_COLUMNS) :] == [
+    assert [name for name, _, _ in sqlite_columns(path)] == list(STORED_COLUMNS)
+    assert sqlite_columns(path)[-len(NEW_COLUMNS) - 1 :] == [
         ("cache_write_tokens", "INTEGER", "0"),
         ("audio_input_tokens", "INTEGER", "0"),
         ("audio_output_tokens", "INTEGER", "0"),
@@ -243,6 +250,7 @@ async def test_the_0c35914_ledger_is_upgraded_in_place_with_every_value_kept(tmp
         ("upstream_ms", "REAL", None),
         ("ws_session_id", "TEXT", None),
         ("rejected_by", "TEXT", None),
+        ("change_seq", "INTEGER", "0"),  # version 6: old rows were never sequenced
     ]
     tables = {name for (name,) in sqlite_read(path, "SELECT name FROM sqlite_master")}
     assert {"requests", "objects", "api_keys", "batches", "gateway_schema"} <= tables
@@ -279,7 +287,7 @@ async def test_rows_written_after_the_sqlite_upgrade_carry_every_new_field(tmp_p
     (row,) = await reader.rows(
         "SELECT * FROM requests WHERE request_id = ?", [AFTER_UPGRADE.request_id]
     )
-    assert row == dataclasses.asdict(AFTER_UPGRADE)
+    assert row == {**dataclasses.asdict(AFTER_UPGRADE), "change_seq": 1}
     assert {name: row[name] for name in NEW_COLUMNS} == {
         "cache_write_tokens": 11,
         "audio_input_tokens": 13,
@@ -306,7 +314,7 @@ def test_a_ledger_claiming_version_2_without_the_new_columns_is_repaired(tmp_pat
 
     prepare_database(path)
 
-    assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
+    assert [name for name, _, _ in sqlite_columns(path)] == list(STORED_COLUMNS)
     assert sqlite_old_rows(path) == fixture_rows()
     assert sqlite_read(path, f"SELECT DISTINCT {', '.join(NEW_COLUMNS)} FROM requests") == [
         NEW_DEFAULTS
@@ -382,7 +390,7 @@ def test_report_on_an_old_ledger_upgrades_it_first_and_counts_every_row(tmp_path
         (9, 6 * 8100 + 132_500 + 40 + 7500)
     ]
     assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
-    assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
+    assert [name for name, _, _ in sqlite_columns(path)] == list(STORED_COLUMNS)
     assert sqlite_old_rows(path) == fixture_rows()
 
 
@@ -413,7 +421,7 @@ def test_several_processes_opening_one_old_ledger_at_once_upgrade_it_once(tmp_pa
         thread.join()
 
     assert errors == []
-    assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
+    assert [name for name, _, _ in sqlite_columns(path)] == list(STORED_COLUMNS)
     assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     assert sqlite_old_rows(path) == fixture_rows()
 
@@ -452,7 +460,7 @@ def test_a_serve_process_upgrades_the_old_ledger_and_appends_after_it(tmp_path: 
     assert reply.choices
     assert stack.gateway.returncode == 0
     assert sqlite_read(path, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
-    assert [name for name, _, _ in sqlite_columns(path)] == list(COLUMNS)
+    assert [name for name, _, _ in sqlite_columns(path)] == list(STORED_COLUMNS)
     rows = sqlite_old_rows(path)
     assert len(rows) == 11
     assert [row for row in rows if row[0].startswith("req_c863702a832d1936")] == fixture_rows()
@@ -513,7 +521,7 @@ async def test_a_new_postgres_ledger_is_created_at_version_2_with_every_column(p
     await ledger.close()
 
     assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
-    assert [row[0] for row in await pg_fetch(pg_dsn, _PG_COLUMNS)] == list(COLUMNS)
+    assert [row[0] for row in await pg_fetch(pg_dsn, _PG_COLUMNS)] == list(STORED_COLUMNS)
     assert await pg_fetch(pg_dsn, "SELECT COUNT(*) FROM requests") == [(0,)]
 
 
@@ -537,8 +545,8 @@ async def test_a_version_1_postgres_ledger_is_upgraded_in_place_with_every_value
     assert new_values == [NEW_DEFAULTS] * 10
     assert await pg_fetch(pg_dsn, "SELECT version FROM gateway_schema") == [(SCHEMA_VERSION,)]
     columns = await pg_fetch(pg_dsn, _PG_COLUMNS)
-    assert [name for name, _, _ in columns] == list(COLUMNS)
-    assert columns[-len(NEW_COLUMNS) :] == [
+    assert [name for name, _, _ in columns] == list(STORED_COLUMNS)
+    assert columns[-len(NEW_COLUMNS) - 1 :] == [
         ("cache_write_tokens", "bigint", "0"),
         ("audio_input_tokens", "bigint", "0"),
         ("audio_output_tokens", "bigint", "0"),
@@ -554,6 +562,7 @@ async def test_a_version_1_postgres_ledger_is_upgraded_in_place_with_every_value
         ("upstream_ms", "double precision", None),
         ("ws_session_id", "text", None),
         ("rejected_by", "text", None),
+        ("change_seq", "bigint", "0"),
     ]
 
     # A second open: nothing to do; the version row is the one the upgrade wrote.
@@ -576,7 +585,7 @@ async def test_rows_written_after_the_postgres_upgrade_carry_every_new_field(pg_
     )
     await ledger.close()
 
-    assert row == dataclasses.asdict(AFTER_UPGRADE)
+    assert row == {**dataclasses.asdict(AFTER_UPGRADE), "change_seq": 1}
     assert (row["service_tier"], row["batch"], row["audio_seconds"]) == ("flex", 1, 42.75)
     assert (row["cache_write_tokens"], row["input_characters"]) == (11, 4321)
     assert await pg_old_rows(pg_dsn) == sorted([*fixture_rows(), _old_part(AFTER_UPGRADE)])
@@ -591,7 +600,7 @@ async def test_a_postgres_ledger_claiming_version_2_without_the_new_columns_is_r
     await ledger.open()
     await ledger.close()
 
-    assert [row[0] for row in await pg_fetch(pg_dsn, _PG_COLUMNS)] == list(COLUMNS)
+    assert [row[0] for row in await pg_fetch(pg_dsn, _PG_COLUMNS)] == list(STORED_COLUMNS)
     assert await pg_fetch(pg_dsn, f"SELECT DISTINCT {', '.join(NEW_COLUMNS)} FROM requests") == [
         NEW_DEFAULTS
     ]

@@ -211,6 +211,7 @@ def test_demo_runs_offline_and_prints_the_report():
     assert "stream:     14 chunks" in out
     assert "realtime:   1 response over WebSocket, 5 tokens in, 12 out" in out
     assert "batch:      completed, 2 calls, billed once" in out
+    assert "stripe:     10 meter events for 10 billable calls, 252240 nano-USD" in out
     report = out.split("report (metering-gateway report):", 1)[1].splitlines()
     assert report[1].split()[:4] == ["team", "key", "model", "calls"]
     assert [line.split()[:4] for line in report[3:]] == [

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from gateway.config.loader import GatewayConfig
 from gateway.ledger.readers import LedgerReader
 from gateway.ledger.rollups import UNSEAL, hour_of, unseal
+from gateway.ledger.writer import CHANGE_SEQ, NOW_SEQ, TICK
 from gateway.metering.usage import CallUsage
 from gateway.pricing.arithmetic import format_usd
 from gateway.pricing.book import PriceBook
@@ -23,6 +24,9 @@ _ROWS = "SELECT * FROM requests WHERE started_at >= ?"
 _UPDATE = (
     "UPDATE requests SET cost_nanousd = ?, pricing_hash = ?, price_unknown = ? WHERE request_id = ?"
 )
+# A row whose cost changes is stamped with the change clock, moved on in the same transaction:
+# the billing exports see it again and correct what they sent.
+_UPDATE_CHANGED = _UPDATE.replace(" WHERE", f", {CHANGE_SEQ} = {NOW_SEQ} WHERE")
 
 
 @dataclass
@@ -58,7 +62,7 @@ async def reprice(
 ) -> RepriceResult:
     books = _books(config, prices)
     result = RepriceResult()
-    updates = []
+    updates, changed = [], []
     for row in await reader.rows(_ROWS, (since,)):
         book = books.get(row.get("team"), prices)
         model, old = row.get("model"), row.get("cost_nanousd") or 0
@@ -79,12 +83,13 @@ async def reprice(
             entry[0] += 1
             entry[1] += old
             entry[2] += new
-        updates.append((new, book.content_hash, int(not priced), row["request_id"]))
-    if apply and updates:
+        update = (new, book.content_hash, int(not priced), row["request_id"])
+        (changed if new != old else updates).append(update)
+    if apply and (updates or changed):
         # The rollups of the hours repriced are dropped before and after the change (a seal
         # in between would sum the old costs), so they are summed again from the new ones.
         await unseal_since(reader, since)
-        await reader.execute_many(_UPDATE, updates)
+        await reader.transaction([(TICK, [()]), (_UPDATE, updates), (_UPDATE_CHANGED, changed)])
         await unseal_since(reader, since)
     return result
 

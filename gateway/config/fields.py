@@ -29,6 +29,9 @@ NO_DEFAULT: Any = object()  # `default` of a required key (and of the root's `pr
 # A check of a section as a whole, run once its keys are read: (the value built, the mapping's
 # entries, its node, its place, problems).
 Rule = Callable[[Any, Mapping[str, yaml.Node], yaml.Node, str, Problems], None]
+# A check of a list of sections as a whole: (the entries read, the list's node, its place,
+# problems).
+ListRule = Callable[[tuple[Any, ...], yaml.Node, str, Problems], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,7 @@ class Key:
     kind: str | None = None  # the reference's type column, where not the check's
     shown: Any = AUTO  # the reference's default: AUTO, a text, or None for none
     rules: tuple[Rule, ...] = ()
+    list_rules: tuple[ListRule, ...] = ()  # LIST: checks of its entries together
     # CUSTOM: (key, node or None, place, problems, reader.Context) → the fields' values
     read: Callable[..., dict[str, Any]] | None = None
     owner: str | None = None  # LIST: the entries' field that gets the enclosing name
@@ -122,9 +126,18 @@ def section(
     return _declare(key) if bare else _declare(key, factory=cls)
 
 
-def section_list(cls: type, doc: str, *, owner: str) -> Any:
-    """A list of mappings of the keys `cls` declares; absent, empty."""
-    return _declare(Key(LIST, doc, section=cls, owner=owner), default=())
+def section_list(
+    cls: type,
+    doc: str,
+    *,
+    owner: str,
+    rules: tuple[Rule, ...] = (),
+    list_rules: tuple[ListRule, ...] = (),
+) -> Any:
+    """A list of mappings of the keys `cls` declares; absent, empty. `rules` check each entry,
+    `list_rules` the entries together."""
+    key = Key(LIST, doc, section=cls, owner=owner, rules=rules, list_rules=list_rules)
+    return _declare(key, default=())
 
 
 def section_map(

@@ -152,11 +152,21 @@ def _read_list(
     identity = {key.owner: owner} if key.owner else {}
     items = (
         read_section(
-            key.section, item, f"{place}[{index}]", problems, context, identity=identity, entry=True
-        )
+            key.section,
+            item,
+            f"{place}[{index}]",
+            problems,
+            context,
+            identity=identity,
+            entry=True,
+            rules=key.rules,
+        )  # fmt: skip
         for index, item in enumerate(node.value)
     )
-    return tuple(item for item in items if item is not None)
+    entries = tuple(item for item in items if item is not None)
+    for rule in key.list_rules:
+        rule(entries, node, place, problems)
+    return entries
 
 
 def _read_map(

@@ -73,3 +73,29 @@ def _key_nodes(teams: Mapping[str, yaml.Node]) -> dict[tuple[str, str], yaml.Nod
                             if k.value == "id" and isinstance(v, yaml.ScalarNode):
                                 located[(team, v.value)] = item
     return located
+
+
+def export_is_complete(
+    export: Any, entries: Mapping[str, yaml.Node], node: yaml.Node, where: str, problems: Problems
+) -> None:
+    """What a kind needs beyond the keys every export has."""
+    if export.kind in ("stripe", "lago") and export.api_key_env is None:
+        problems.add(node, f"{where}: a {export.kind} export needs api_key_env")
+    if export.kind != "webhook" and export.event_name is None:
+        problems.add(node, f"{where}: a {export.kind} export needs event_name")
+    if export.kind == "webhook" and export.url is None:
+        problems.add(node, f"{where}: a webhook export needs url")
+    if export.kind != "webhook" and not export.customers:
+        problems.add(node, f"{where}: a {export.kind} export needs customers (team: id)")
+
+
+def exports_are_distinct(
+    exports: tuple[Any, ...], node: yaml.Node, where: str, problems: Problems
+) -> None:
+    seen: set[str] = set()
+    for export in exports:
+        if export.label in seen:
+            problems.add(
+                node, f"{where}: two exports are called '{export.label}': give each a name"
+            )
+        seen.add(export.label)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -18,7 +19,13 @@ from gateway.config import checks as check
 from gateway.config.checks import Check, EndpointRule
 from gateway.config.fields import custom, required, section, section_list, section_map, setting
 from gateway.config.prices import read_prices, read_team_prices
-from gateway.config.rules import keys_are_unique, plan_has_its_parameters, port_fits
+from gateway.config.rules import (
+    export_is_complete,
+    exports_are_distinct,
+    keys_are_unique,
+    plan_has_its_parameters,
+    port_fits,
+)
 from gateway.pricing.book import BUILTIN, UNKNOWN_MODEL_POLICIES, PriceBook
 
 DEFAULT_MAX_REQUEST_BODY = 64 * 10**6
@@ -275,6 +282,79 @@ class BatchesConfig:
     )  # fmt: skip
 
 
+EXPORT_KINDS = ("stripe", "openmeter", "lago", "webhook")
+EXPORT_VALUES = ("cost_nanousd", "input_tokens", "output_tokens", "total_tokens", "requests")
+EXPORT_URLS = {
+    "stripe": "https://api.stripe.com",
+    "openmeter": "https://openmeter.cloud",
+    "lago": "https://api.getlago.com",
+}
+
+
+def _customers(value: object) -> Mapping[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(team, str) and team and isinstance(customer, str) and customer
+        for team, customer in value.items()
+    ):
+        raise ValueError("must map team names to customer ids, like {research: cus_123}")
+    return MappingProxyType(dict(value))
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    """`export[]`: one billing system the ledger's billable rows are sent to."""
+
+    kind: str = required(check.choice(*EXPORT_KINDS), "the billing system's API")
+    name: str | None = setting(
+        None, check.string,
+        "the metric label and the idempotency-id prefix (`<name>:<request_id>`); needed when two "
+        "exports share a kind", shown="the kind",
+    )  # fmt: skip
+    url: str | None = setting(
+        None, check.url, "the service's base URL (a webhook's full URL)",
+        shown="the service's own",
+    )  # fmt: skip
+    api_key_env: str | None = setting(
+        None, check.string, "env var holding the service's API key (stripe and lago need one)",
+        shown="none",
+    )  # fmt: skip
+    secret_env: str | None = setting(
+        None, check.string,
+        "webhook: env var holding the secret that signs the body (`x-gateway-signature`)",
+        shown="unsigned",
+    )  # fmt: skip
+    event_name: str | None = setting(
+        None, check.string,
+        "Stripe meter event name / OpenMeter event type / Lago billable-metric code",
+        shown="none",
+    )  # fmt: skip
+    value: str = setting("cost_nanousd", check.choice(*EXPORT_VALUES), "what each event counts")
+    customers: Mapping[str, str] | None = setting(
+        None, Check("mapping", _customers),
+        "team → the service's customer id (Stripe), subject (OpenMeter) or subscription id "
+        "(Lago); other teams' rows are skipped (a webhook without any sends every team)",
+        shown="none",
+    )  # fmt: skip
+    interval_s: float = setting(
+        5.0, check.number(positive=True), "how often new ledger rows are looked for"
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    def customer_of(self, team: str | None) -> str | None:
+        """The service's id for a team; None: its rows are not sent. A webhook without
+        `customers` sends every team's (the team is in the event)."""
+        if self.customers is None:
+            return team if self.kind == "webhook" else None
+        return self.customers.get(team) if team else None
+
+    @property
+    def base_url(self) -> str:
+        return self.url or EXPORT_URLS.get(self.kind, "")
+
+
 @dataclass(frozen=True, slots=True)
 class LimitsBackendConfig:
     """`limits`: where limit counters live."""
@@ -356,6 +436,10 @@ class GatewayConfig:
     log_calls: bool = setting(
         True, check.boolean, "one JSON log line per call (never keys or text)"
     )
+    export: tuple[ExportConfig, ...] = section_list(
+        ExportConfig, "billing systems the billable rows are sent to (SPEC \"Billing export\")",
+        owner="", rules=(export_is_complete,), list_rules=(exports_are_distinct,),
+    )  # fmt: skip
 
     def keys_by_hash(self) -> dict[bytes, KeyConfig]:
         return {key.sha256: key for team in self.teams.values() for key in team.keys}

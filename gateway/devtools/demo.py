@@ -2,11 +2,13 @@
 
 Starts the fake upstream and a gateway on free local ports with a throw-away config, sends a
 few calls through the official openai SDK (one streamed, one over a limit), a Realtime
-response over WebSocket and a batch, and prints the report from the ledger.
+response over WebSocket and a batch, shows them arriving as meter events at a local fake of
+Stripe (`export:`), and prints the report from the ledger.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
@@ -21,10 +23,12 @@ from aiohttp import web
 from gateway.app import BATCHES, LEDGER, build_app
 from gateway.billing.reports import ReportQuery, render, usage_rows
 from gateway.config.loader import load_config
+from gateway.devtools.fake_billing import FakeBilling, start_fake_billing
 from gateway.devtools.fake_upstream import build_fake_app
 
 DEMO_KEYS = {"research": "mgw-demo-research", "interns": "mgw-demo-interns"}
 UPSTREAM_KEY = "sk-demo-upstream"
+DEMO_STRIPE_KEY = "sk_test_demo_stripe"
 
 
 async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
@@ -37,7 +41,7 @@ async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
     return runner, port
 
 
-def _config(folder: Path, upstream_port: int) -> Path:
+def _config(folder: Path, upstream_port: int, billing_url: str) -> Path:
     def sha(secret: str) -> str:
         return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -60,6 +64,13 @@ def _config(folder: Path, upstream_port: int) -> Path:
               interns:
                 limits: {{requests_per_minute: 2}}
                 keys: [{{id: intern-laptop, sha256: {sha(DEMO_KEYS["interns"])}}}]
+            export:
+              - kind: stripe
+                url: {billing_url}
+                api_key_env: DEMO_STRIPE_KEY
+                event_name: llm_spend
+                customers: {{research: cus_research, interns: cus_interns}}
+                interval_s: 0.1
             """
         )
     )
@@ -140,20 +151,43 @@ async def _traffic(base_url: str, app: web.Application) -> list[str]:
     return said
 
 
+async def _exported(app: web.Application, stripe: FakeBilling) -> str:
+    """The billable calls as Stripe meter events, once each (waits up to 5 s for them)."""
+    await app[LEDGER].flush()
+    (billable,) = (
+        await app[LEDGER].reader.tuples(
+            "SELECT COUNT(*) FROM requests WHERE status >= 200 AND status < 300"
+        )
+    )[0]
+    for _ in range(50):
+        if len(stripe.events("stripe")) >= billable:
+            break
+        await asyncio.sleep(0.1)
+    events = stripe.events("stripe")
+    spend = sum(event.value or 0 for event in events)
+    return (f"stripe:     {len(events)} meter events for {billable} billable calls, "
+            f"{spend} nano-USD (a local fake of Stripe; `export:` in the config)")  # fmt: skip
+
+
 async def run_demo() -> str:
     os.environ["DEMO_UPSTREAM_KEY"] = os.environ["FAKE_UPSTREAM_KEY"] = UPSTREAM_KEY
+    os.environ["DEMO_STRIPE_KEY"] = DEMO_STRIPE_KEY
     with tempfile.TemporaryDirectory(prefix="metering-gateway-demo-") as tmp:
         folder = Path(tmp)
         fake_runner, fake_port = await _start(build_fake_app())
-        config = load_config(_config(folder, fake_port))
+        stripe = FakeBilling(api_keys={"stripe": DEMO_STRIPE_KEY})
+        billing_runner, billing_url = await start_fake_billing(stripe)
+        config = load_config(_config(folder, fake_port, billing_url))
         app = build_app(config)
         gateway_runner, port = await _start(app)
         try:
             said = await _traffic(f"http://127.0.0.1:{port}/v1", app)
+            said.append(await _exported(app, stripe))
             await app[LEDGER].flush()
             rows = await usage_rows(app[LEDGER].reader, ReportQuery())
         finally:
             await gateway_runner.cleanup()
+            await billing_runner.cleanup()
             await fake_runner.cleanup()
     return "\n".join(
         [f"gateway on http://127.0.0.1:{port}/v1 -> fake upstream on port {fake_port}", ""]

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway.ledger.readers import POSTGRES, Row
+from gateway.ledger.readers import POSTGRES, Row, Step
 from gateway.ledger.rollups import (
     ROLLUP_COLUMN_TYPES,
     ROLLUP_STATE_COLUMN_TYPES,
@@ -34,13 +34,23 @@ from gateway.ledger.writer import (
     API_KEY_COLUMN_TYPES,
     BATCH_COLUMN_TYPES,
     BATCH_INDEXES,
+    CHANGE_CLOCK,
+    CHANGE_CLOCK_COLUMN_TYPES,
+    CHANGE_SEQ,
     COLUMNS,
+    EXPORT_COLUMN_TYPES,
+    EXPORT_INDEXES,
+    EXPORT_ROW_COLUMN_TYPES,
+    EXPORT_ROW_KEY,
     NOTIFICATION_COLUMN_TYPES,
     NOTIFICATION_INDEXES,
+    NOW_SEQ,
     OBJECT_COLUMN_TYPES,
     OBJECT_INDEXES,
     REQUEST_INDEXES,
     SCHEMA_VERSION,
+    STORED_COLUMN_TYPES,
+    TICK,
     VERSION_COLUMN_TYPES,
     WRITE_VERSION,
     LedgerWriter,
@@ -68,7 +78,7 @@ def _column_type(sqlite_type: str) -> str:
 
 
 SCHEMA_SQL = [  # SQLite's tables and indexes: same names, same columns
-    create_table("requests", _COLUMN_TYPES, _column_type),
+    create_table("requests", STORED_COLUMN_TYPES, _column_type),
     *REQUEST_INDEXES,
     create_table("objects", OBJECT_COLUMN_TYPES, _column_type),
     *OBJECT_INDEXES,
@@ -81,15 +91,23 @@ SCHEMA_SQL = [  # SQLite's tables and indexes: same names, same columns
     create_table("usage_daily", ROLLUP_COLUMN_TYPES, _column_type),
     create_table("rollup_state", ROLLUP_STATE_COLUMN_TYPES, _column_type),
     *ROLLUP_STATEMENTS,
+    create_table("change_clock", CHANGE_CLOCK_COLUMN_TYPES, _column_type),
+    *CHANGE_CLOCK,
+    create_table("exports", EXPORT_COLUMN_TYPES, _column_type),
+    create_table(
+        "export_rows", EXPORT_ROW_COLUMN_TYPES, _column_type, constraints=(EXPORT_ROW_KEY,)
+    ),
+    *EXPORT_INDEXES,
     create_table("gateway_schema", VERSION_COLUMN_TYPES, _column_type),
 ]
 # Gateways sharing one database may start together: one creates or upgrades it at a time.
 _SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('metering-gateway schema'))"
 _STAGING = "CREATE TEMP TABLE requests_batch (LIKE requests) ON COMMIT DELETE ROWS"
 _MERGE = (
-    f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} "
+    f"INSERT INTO requests ({', '.join(COLUMNS)}, {CHANGE_SEQ}) "
+    f"SELECT {', '.join(COLUMNS)}, {NOW_SEQ} "
     "FROM requests_batch ON CONFLICT (request_id) DO UPDATE SET "
-    + ", ".join(f"{name} = EXCLUDED.{name}" for name in COLUMNS[1:])
+    + ", ".join(f"{name} = EXCLUDED.{name}" for name in (*COLUMNS[1:], CHANGE_SEQ))
 )
 _CONVERT = tuple(_CONVERTERS[kind.split()[0]] for kind in _COLUMN_TYPES.values())
 WRITE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -146,7 +164,7 @@ async def schema_state(connection: asyncpg.Connection) -> tuple[int | None, list
     recorded = None
     if await connection.fetchval("SELECT to_regclass('gateway_schema') IS NOT NULL"):
         recorded = await connection.fetchval("SELECT MAX(version) FROM gateway_schema")
-    missing = [name for name in COLUMNS if present and name not in present]
+    missing = [name for name in STORED_COLUMN_TYPES if present and name not in present]
     return schema_version(recorded, bool(present)), missing
 
 
@@ -159,10 +177,10 @@ async def create_schema(connection: asyncpg.Connection, target: str) -> None:
         await connection.execute(_SCHEMA_LOCK)
         version, missing = await schema_state(connection)
         check_version(version, target)
+        for name in missing:  # first: the indexes below may name the new columns
+            await connection.execute(add_column(name, _column_type))
         for statement in SCHEMA_SQL:
             await connection.execute(statement)
-        for name in missing:
-            await connection.execute(add_column(name, _column_type))
         if version != SCHEMA_VERSION:
             await connection.execute(WRITE_VERSION[0])
             await connection.execute(numbered(WRITE_VERSION[1]), SCHEMA_VERSION)
@@ -227,6 +245,7 @@ class PostgresLedger(LedgerWriter):
                 await connection.copy_records_to_table(
                     "requests_batch", records=records, columns=COLUMNS
                 )
+                await connection.execute(TICK)  # its row lock is held to the commit
                 await connection.execute(_MERGE)
                 first = first_started(records)
                 hour = float(hour_of(first))
@@ -296,8 +315,12 @@ class PostgresReader:
         ]
 
     async def execute_many(self, sql: str, params: Iterable[Sequence[object]]) -> None:
+        await self.transaction([(sql, list(params))])
+
+    async def transaction(self, steps: Sequence[Step]) -> None:
         async with self._acquire() as connection, connection.transaction():
-            await connection.executemany(numbered(sql), list(params))
+            for sql, params in steps:
+                await connection.executemany(numbered(sql), params)
 
     async def _fetch(self, sql: str, params: Sequence[object]) -> list[asyncpg.Record]:
         async with self._acquire() as connection:

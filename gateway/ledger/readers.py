@@ -68,6 +68,10 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# A statement and the parameters it is run with, once per entry.
+Step = tuple[str, Sequence[Sequence[object]]]
+
+
 class LedgerReader(Protocol):
     """Queries over the `requests` table. An absent ledger or table reads as no rows."""
 
@@ -79,6 +83,10 @@ class LedgerReader(Protocol):
 
     async def execute_many(self, sql: str, params: Iterable[Sequence[object]]) -> None:
         """Write statements in one transaction (maintenance commands such as reprice)."""
+        ...
+
+    async def transaction(self, steps: Sequence[Step]) -> None:
+        """Several statements, each run for its list of parameters, in one transaction."""
         ...
 
 
@@ -95,7 +103,10 @@ class SqliteReader:
         return await asyncio.to_thread(self._read, sql, tuple(params), None)
 
     async def execute_many(self, sql: str, params: Iterable[Sequence[object]]) -> None:
-        await asyncio.to_thread(self._write, sql, list(params))
+        await self.transaction([(sql, list(params))])
+
+    async def transaction(self, steps: Sequence[Step]) -> None:
+        await asyncio.to_thread(self._write, steps)
 
     def _read(self, sql: str, params: tuple, row_factory: Any) -> list[Any]:
         if not self.path.exists():
@@ -111,9 +122,10 @@ class SqliteReader:
                 raise
         return [dict(row) for row in found] if row_factory else found
 
-    def _write(self, sql: str, params: list[Sequence[object]]) -> None:
+    def _write(self, steps: Sequence[Step]) -> None:
         with contextlib.closing(sqlite3.connect(self.path, timeout=30)) as db, db:
-            db.executemany(sql, params)
+            for sql, params in steps:
+                db.executemany(sql, params)
 
 
 @lru_cache(maxsize=64)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from gateway.ledger.readers import Step
 from gateway.ledger.storage import StorageError
 from gateway.ledger.writer import prepare_database
 
@@ -61,6 +63,24 @@ class SqliteSideTable:
         except sqlite3.Error as exc:
             raise self.error(exc) from None
 
+    async def transaction(self, steps: Sequence[Step], guard: int | None = None) -> bool:
+        """Run each step (a statement, once per parameter tuple) in one transaction; False,
+        and nothing written, when the statement at `guard` changed no row."""
+        db = self._connection()
+        try:
+            async with self._lock:
+                for index, (sql, rows) in enumerate(steps):
+                    before = db.total_changes
+                    await db.executemany(sql, rows)
+                    if index == guard and db.total_changes == before:
+                        await db.rollback()
+                        return False
+                await db.commit()
+                return True
+        except sqlite3.Error as exc:
+            await db.rollback()
+            raise self.error(exc) from None
+
     def _connection(self) -> aiosqlite.Connection:
         if self._db is None:
             raise self._unavailable(f"the {self._what} is not open")
@@ -91,6 +111,35 @@ class PostgresSideTable:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    async def transaction(self, steps: Sequence[Step], guard: int | None = None) -> bool:
+        """As `SqliteSideTable.transaction`."""
+        import asyncpg
+
+        from gateway.ledger.postgres import numbered
+
+        if self._pool is None:
+            raise self._unavailable(f"the {self._what} is not open")
+        try:
+            async with self._pool.acquire() as connection:
+                transaction = connection.transaction()
+                await transaction.start()
+                try:
+                    for index, (sql, rows) in enumerate(steps):
+                        changed = 0
+                        for row in rows:
+                            status = await connection.execute(numbered(sql), *row)
+                            changed += int(status.rsplit(" ", 1)[-1] or 0)
+                        if index == guard and not changed:
+                            await transaction.rollback()
+                            return False
+                except BaseException:
+                    await transaction.rollback()
+                    raise
+                await transaction.commit()
+                return True
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            raise self._unavailable(f"{self._what}: {exc}") from None
 
     async def run(self, method: str, sql: str, *args: Any) -> Any:
         """The pool's `method` (`fetch`, `fetchrow`, `fetchval`, `execute`) on `sql`, whose

@@ -138,12 +138,33 @@ _COLUMN_TYPES = {
 COLUMNS = tuple(f.name for f in fields(CallRecord))
 assert tuple(_COLUMN_TYPES) == COLUMNS, "CallRecord and the schema must list the same columns"
 _as_row = attrgetter(*COLUMNS)
+# Version 6 (SPEC "Billing export"): the order rows were written or last changed in, the billing
+# exports' cursor (`gateway.export`). Every commit of the ledger's writer (and every reprice)
+# first moves the one-row `change_clock` on, in its own transaction, and stamps its rows with
+# the new value: commits take the clock one at a time (SQLite's write lock; the row lock on
+# PostgreSQL, held to the commit), so a cursor at (change_seq, request_id) never passes a row
+# still to be committed. Rows of older releases read 0, as a VACUUM-proof rowid would not.
+CHANGE_SEQ = "change_seq"
+STORED_COLUMN_TYPES = {**_COLUMN_TYPES, CHANGE_SEQ: "INTEGER DEFAULT 0"}
+STORED_COLUMNS = tuple(STORED_COLUMN_TYPES)  # `requests` as stored: a CallRecord, then its seq
+CHANGE_CLOCK_COLUMN_TYPES = {"seq": "INTEGER NOT NULL"}
+CHANGE_CLOCK = [
+    "INSERT INTO change_clock (seq) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM change_clock)"
+]
+TICK = "UPDATE change_clock SET seq = seq + 1"
+NOW_SEQ = "(SELECT seq FROM change_clock)"
 
 
-def create_table(name: str, column_types: dict[str, str], typed: Callable[[str], str] = str) -> str:
+def create_table(
+    name: str,
+    column_types: dict[str, str],
+    typed: Callable[[str], str] = str,
+    constraints: tuple[str, ...] = (),
+) -> str:
     """`CREATE TABLE IF NOT EXISTS` of these columns, each type through `typed` (a store's
-    spelling of the SQLite type)."""
-    columns = ",\n  ".join(f"{column} {typed(kind)}" for column, kind in column_types.items())
+    spelling of the SQLite type), then the table's `constraints`."""
+    parts = [f"{column} {typed(kind)}" for column, kind in column_types.items()]
+    columns = ",\n  ".join([*parts, *constraints])
     return f"CREATE TABLE IF NOT EXISTS {name} (\n  {columns}\n)"
 
 
@@ -154,6 +175,7 @@ REQUEST_INDEXES = [
     # The few refused calls, for the portal's "which limits are hit" without a range scan.
     "CREATE INDEX IF NOT EXISTS requests_refused ON requests (started_at)"
     " WHERE outcome IN ('rejected', 'queue_timeout')",
+    "CREATE INDEX IF NOT EXISTS requests_changes ON requests (change_seq, request_id)",
 ]
 # Who owns each object created through the gateway (`gateway.ledger.object_store`).
 OBJECT_COLUMN_TYPES = {
@@ -212,18 +234,49 @@ BATCH_COLUMN_TYPES = {
     "billed_at": "REAL",
 }
 BATCH_INDEXES = ["CREATE INDEX IF NOT EXISTS batches_pending ON batches (billed_at)"]
+# The billing exports (`gateway.export`): each export's cursor, its lease (one exporter at a
+# time, whichever replica), and what it has done with each row it has reached: `sent` (the
+# billing system holds `value` under `event_id`), `refused` (the service said no: `note`),
+# `skipped` (too old for the service). `ledger_value`: a row repriced after it was sent, where
+# the service takes no correction.
+EXPORT_COLUMN_TYPES = {
+    "name": "TEXT PRIMARY KEY",
+    "kind": "TEXT NOT NULL",
+    "cursor_seq": "INTEGER NOT NULL",
+    "cursor_id": "TEXT NOT NULL",
+    "holder": "TEXT",
+    "lease_until": "REAL",
+    "delivered": "INTEGER NOT NULL",
+    "last_delivered_at": "REAL",
+    "last_error": "TEXT",
+    "last_error_at": "REAL",
+    "created_at": "REAL NOT NULL",
+}
+EXPORT_ROW_COLUMN_TYPES = {
+    "export": "TEXT NOT NULL",
+    "request_id": "TEXT NOT NULL",
+    "event_id": "TEXT NOT NULL",
+    "value": "INTEGER",
+    "state": "TEXT NOT NULL",
+    "at": "REAL NOT NULL",
+    "note": "TEXT",
+    "ledger_value": "INTEGER",
+}
+EXPORT_ROW_KEY = "PRIMARY KEY (export, request_id)"
+EXPORT_INDEXES = ["CREATE INDEX IF NOT EXISTS export_rows_state ON export_rows (export, state)"]
 # The ledger's schema version, one row of `gateway_schema`. Version 1 is the ledger of the
 # releases that recorded none (no `gateway_schema` table); version 2 added the columns from
 # `cache_write_tokens` on, version 3 `upstream_ms`, version 4 the `api_keys` and
 # `notifications` tables (a gateway of an older release would not see the keys issued or
 # revoked there), version 5 `ws_session_id`, `rejected_by`, the `batches` table and the hourly
-# rollups (`gateway.ledger.rollups`: a cache, rebuilt from `requests`). An older
+# rollups (`gateway.ledger.rollups`: a cache, rebuilt from `requests`), version 6
+# `change_seq`, `change_clock` and the billing exports' tables. An older
 # ledger is upgraded in place at start by adding what it lacks; a newer one is refused (this
 # code would not write what its readers expect).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 VERSION_COLUMN_TYPES = {"version": "INTEGER NOT NULL"}
 SCHEMA = [
-    create_table("requests", _COLUMN_TYPES),
+    create_table("requests", STORED_COLUMN_TYPES),
     *REQUEST_INDEXES,
     create_table("objects", OBJECT_COLUMN_TYPES),
     *OBJECT_INDEXES,
@@ -236,19 +289,24 @@ SCHEMA = [
     create_table("usage_daily", ROLLUP_COLUMN_TYPES),
     create_table("rollup_state", ROLLUP_STATE_COLUMN_TYPES),
     *ROLLUP_STATEMENTS,
+    create_table("change_clock", CHANGE_CLOCK_COLUMN_TYPES),
+    *CHANGE_CLOCK,
+    create_table("exports", EXPORT_COLUMN_TYPES),
+    create_table("export_rows", EXPORT_ROW_COLUMN_TYPES, constraints=(EXPORT_ROW_KEY,)),
+    *EXPORT_INDEXES,
     create_table("gateway_schema", VERSION_COLUMN_TYPES),
 ]
 WRITE_VERSION = ["DELETE FROM gateway_schema", "INSERT INTO gateway_schema (version) VALUES (?)"]
 _INSERT = (
-    f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(COLUMNS))})"
+    f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}, {CHANGE_SEQ}) "
+    f"VALUES ({', '.join('?' * len(COLUMNS))}, {NOW_SEQ})"
 )
 _PRAGMAS = ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000"]
 
 
 def add_column(name: str, typed: Callable[[str], str] = str) -> str:
     """The `ALTER TABLE` that adds a `requests` column a ledger lacks (with its default)."""
-    return f"ALTER TABLE requests ADD COLUMN {name} {typed(_COLUMN_TYPES[name])}"
+    return f"ALTER TABLE requests ADD COLUMN {name} {typed(STORED_COLUMN_TYPES[name])}"
 
 
 def schema_version(recorded: int | None, has_requests: bool) -> int | None:
@@ -280,7 +338,7 @@ def sqlite_schema(db: sqlite3.Connection) -> tuple[int | None, list[str]]:
     if "gateway_schema" in tables:
         (recorded,) = db.execute("SELECT MAX(version) FROM gateway_schema").fetchone()
     version = schema_version(recorded, "requests" in tables)
-    missing = [name for name in COLUMNS if present and name not in present]
+    missing = [name for name in STORED_COLUMN_TYPES if present and name not in present]
     return version, missing
 
 
@@ -298,10 +356,10 @@ def prepare_database(path: Path) -> None:
         version, missing = sqlite_schema(db)
         try:
             check_version(version, str(path))
+            for name in missing:  # first: the indexes below may name the new columns
+                db.execute(add_column(name))
             for statement in SCHEMA:
                 db.execute(statement)
-            for name in missing:
-                db.execute(add_column(name))
             if version != SCHEMA_VERSION:
                 db.execute(WRITE_VERSION[0])
                 db.execute(WRITE_VERSION[1], (SCHEMA_VERSION,))
@@ -456,6 +514,7 @@ class Ledger(LedgerWriter):
 
     async def _write(self, batch: list[tuple]) -> None:
         assert self._db is not None
+        await self._db.execute(TICK)  # first: the write lock, held to the commit
         await self._db.executemany(_INSERT, batch)
         # A row for an hour already summed into the rollups unseals it, in this transaction.
         first = first_started(batch)

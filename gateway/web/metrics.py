@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from gateway.access.keys import days_left, today_in
 from gateway.config.loader import GatewayConfig
+from gateway.export.exporter import Exporter
 from gateway.ledger.writer import CallRecord, LedgerWriter
 from gateway.limits.admission import Limiter
 from gateway.notify.notifier import Notifier
@@ -177,11 +178,13 @@ class GatewayCollector(Collector):
         in_flight: Callable[[], int],
         notifier: Notifier | None = None,
         sessions: Callable[[], tuple[int, int, int]] | None = None,
+        exporters: Sequence[Exporter] = (),
     ) -> None:
         self.stats, self.config, self.limiter = stats, config, limiter
         self.ledger, self.in_flight = ledger, in_flight
         self.notifier = notifier
         self.sessions = sessions  # (open WebSocket sessions, bytes up, bytes down)
+        self.exporters = exporters
         stats.model_label = ModelLabels(config)
 
     def collect(self) -> Iterator[Metric]:
@@ -253,8 +256,25 @@ class GatewayCollector(Collector):
             value=notifier.pending,
         )  # fmt: skip
 
+    def _exports(self) -> Iterator[Metric]:
+        if not self.exporters:
+            return
+        lag = GaugeMetricFamily(
+            "gateway_export_lag_rows", "Billable rows a billing export has not had acknowledged",
+            labels=["export"],
+        )  # fmt: skip
+        errors = CounterMetricFamily(
+            "gateway_export_errors", "Requests to a billing system that failed or were refused",
+            labels=["export"],
+        )  # fmt: skip
+        for exporter in self.exporters:
+            lag.add_metric([exporter.label], exporter.lag)
+            errors.add_metric([exporter.label], exporter.errors)
+        yield from (lag, errors)
+
     def _gauges(self) -> Iterator[Metric]:
         yield from self._notifications()
+        yield from self._exports()
         queued = GaugeMetricFamily("gateway_queue_depth", "Calls waiting", labels=["team"])
         for team, queue in self.limiter.queues.items():
             queued.add_metric([team], len(queue))
