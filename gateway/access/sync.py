@@ -4,12 +4,12 @@ aggregate query), and re-read when anything changed there."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from gateway.access.store import KeyStore, KeyStoreUnavailable, StoredKey
+from gateway.loop import cancel_and_wait
 
 log = logging.getLogger("gateway.keys")
 
@@ -36,11 +36,8 @@ class KeySync:
         self._task = asyncio.create_task(self._watch(), name="key-sync")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def refresh(self, force: bool = False) -> None:
         """Re-read the keys if the store changed (or `force`), and put them in force."""

@@ -16,7 +16,6 @@ webhook: an event carrying the difference), else listed by `export --status`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -39,6 +38,7 @@ from gateway.export.store import (
     LedgerRow,
     make_export_store,
 )
+from gateway.loop import cancel_and_wait
 
 log = logging.getLogger("gateway.export")
 
@@ -127,11 +127,8 @@ class Exporter:
             self._task = asyncio.create_task(self._loop(), name=f"export-{self.label}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._http is not None:
             await self._http.close()
             self._http = None

@@ -6,7 +6,6 @@ again at the next beat: the queries read `requests` for whatever is not sealed."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
@@ -15,6 +14,7 @@ from typing import Any
 from gateway.config.loader import StorageConfig
 from gateway.ledger.rollups import seal_postgres, seal_sqlite
 from gateway.ledger.storage import postgres_dsn
+from gateway.loop import cancel_and_wait
 
 log = logging.getLogger("gateway.ledger")
 INTERVAL_S = 60.0
@@ -31,10 +31,7 @@ class RollupSealer:
         self._task = asyncio.create_task(self._run(), name="rollup-sealer")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
