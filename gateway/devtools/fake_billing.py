@@ -63,6 +63,7 @@ class FakeBilling:
     _faults: dict[str, list[tuple[str, int, float]]] = field(default_factory=dict)
     _down: set[str] = field(default_factory=set)
     _replays: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    _seen: set[tuple[str, ...]] = field(default_factory=set)
 
     def events(self, service: str) -> list[Accepted]:
         return [
@@ -92,12 +93,13 @@ class FakeBilling:
         queued = self._faults.get(service)
         return queued.pop(0) if queued else None
 
-    def _known(self, service: str, event_id: str, customer: str | None = None) -> bool:
-        return any(
-            event.service == service and event.id == event_id
-            and (customer is None or event.customer == customer)
-            for event in self.accepted
-        )  # fmt: skip
+    def _known(self, *key: str) -> bool:
+        """Is an event of this dedup key stored: (service, what the service dedups on)."""
+        return key in self._seen
+
+    def _keep(self, event: Accepted, *key: str) -> None:
+        self.accepted.append(event)
+        self._seen.add(key)
 
 
 class Refused(Exception):
@@ -244,8 +246,8 @@ def _meter_event(state: FakeBilling, form: dict[str, str]) -> dict[str, Any]:
             f"An event already exists with identifier {identifier}.",
             headers={"Stripe-Should-Retry": "false"},
         )  # type: ignore[arg-type]
-    state.accepted.append(Accepted("stripe", identifier, customer, event_name, int(value),
-                                   float(timestamp), dict(form)))  # fmt: skip
+    state._keep(Accepted("stripe", identifier, customer, event_name, int(value),
+                                   float(timestamp), dict(form)), "stripe", identifier)  # fmt: skip
     return {"object": "billing.meter_event", "created": int(now), "event_name": event_name,
             "identifier": identifier, "livemode": False,
             "payload": {"stripe_customer_id": customer, "value": value},
@@ -331,23 +333,16 @@ async def _openmeter(request: web.Request) -> web.Response:
         if problem is not None:
             raise _problem(400, "Bad Request", f"event {index}: {problem}")
     for event in events:
-        if any(e.service == "openmeter" and e.id == event["id"]
-               and e.body["source"] == event["source"] for e in state.accepted):  # fmt: skip
+        if state._known("openmeter", event["source"], event["id"]):
             continue  # deduplicated on (source, id), silently
         moment = event.get("time")
         timestamp = (datetime.fromisoformat(moment.replace("Z", "+00:00")).timestamp()
                      if moment else time.time())  # fmt: skip
-        state.accepted.append(
-            Accepted(
-                "openmeter",
-                event["id"],
-                event["subject"],
-                event["type"],
-                event["data"][state.value_property],
-                timestamp,
-                event,
-            )
-        )
+        state._keep(
+            Accepted("openmeter", event["id"], event["subject"], event["type"],
+                     event["data"][state.value_property], timestamp, event),
+            "openmeter", event["source"], event["id"],
+        )  # fmt: skip
     return web.Response(status=204)
 
 
@@ -406,10 +401,10 @@ async def _lago(request: web.Request) -> web.Response:
     stored = []
     for event in events:
         timestamp = float(event.get("timestamp") or time.time())
-        state.accepted.append(Accepted(
+        state._keep(Accepted(
             "lago", event["transaction_id"], event["external_subscription_id"], event["code"],
             event["properties"][state.value_property], timestamp, event,
-        ))  # fmt: skip
+        ), "lago", event["transaction_id"], event["external_subscription_id"])  # fmt: skip
         stored.append(
             {
                 "lago_id": str(uuid.uuid4()),
@@ -466,8 +461,9 @@ async def _webhook(request: web.Request) -> web.Response:
     for event in events:
         if state._known("webhook", event["id"]):
             continue
-        state.accepted.append(Accepted("webhook", event["id"], event["team"], "", event["value"],
-                                       float(event["started_at"]), event))  # fmt: skip
+        stored = Accepted("webhook", event["id"], event["team"], "", event["value"],
+                          float(event["started_at"]), event)  # fmt: skip
+        state._keep(stored, "webhook", event["id"])
         new += 1
     return web.json_response({"received": new})
 

@@ -47,6 +47,11 @@ SEND_TIMEOUT_S = 20.0
 MIN_LEASE_S = 30.0
 LAG_REFRESH_S = 1.0
 REFUSAL_LOG_EVERY_S = 60.0
+# Live traffic first (`Exporter._headroom`): a page waits while the process uses more than this
+# share of a core, measured over the probe, for at most MAX_YIELD_S.
+BUSY_CORE_SHARE = 0.8
+HEADROOM_PROBE_S = 0.25
+MAX_YIELD_S = 5.0
 MAX_BACKOFF_S = 300.0
 STRIPE_MAX_AGE_S = 35 * 86400 - 300  # Stripe takes events of the past 35 days
 STRIPE_CANCEL_WINDOW_S = 23 * 3600  # and cancels them within 24 h of receiving them
@@ -165,6 +170,7 @@ class Exporter:
                 rows = await self.store.rows_after(state.cursor, PAGE_ROWS)
                 if not rows:
                     break
+                await self._headroom()
                 await self._page(rows, result, cursor=state.cursor, advance=True, resend=False)
                 if self.clock() - self._lag_at >= LAG_REFRESH_S:  # a long pass: keep it true
                     await self.refresh_lag()
@@ -223,6 +229,20 @@ class Exporter:
         refused, _ = await self.store.listed(self.label, REFUSED, 0)
         self.lag = await self.store.lag(state.cursor, teams) + refused
         return self.lag
+
+    async def _headroom(self) -> None:
+        """Let live traffic go first: while this process is using most of a core (calls being
+        served), wait, but no longer than `MAX_YIELD_S` a page, so a busy gateway still
+        exports a page every few seconds and catches up when the load eases. Billing can wait
+        seconds; a call should not."""
+        deadline = time.monotonic() + MAX_YIELD_S
+        while time.monotonic() < deadline:
+            wall, cpu = time.monotonic(), time.process_time()
+            await asyncio.sleep(HEADROOM_PROBE_S)
+            busy = (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-6)
+            if busy < BUSY_CORE_SHARE:
+                return
+        await self._renew_lease()
 
     # ------------------------------------------------------------ one page
 
