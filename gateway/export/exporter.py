@@ -76,7 +76,6 @@ class PassResult:
     outage: str | None = None
     held_elsewhere: bool = False
     lost_lease: bool = False
-    refused_rows: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -162,6 +161,7 @@ class Exporter:
             result.held_elsewhere = True
             await self.refresh_lag()
             return result
+        pages = 0
         try:
             await self.refresh_lag()
             while result.complete:
@@ -172,11 +172,13 @@ class Exporter:
                     break
                 await self._headroom()
                 await self._page(rows, result, cursor=state.cursor, advance=True, resend=False)
+                pages += 1
                 if self.clock() - self._lag_at >= LAG_REFRESH_S:  # a long pass: keep it true
                     await self.refresh_lag()
         finally:
             await self._release()
-        await self.refresh_lag()
+        if pages:
+            await self.refresh_lag()
         return result
 
     async def backfill(self, since: float, resend: bool = False) -> PassResult:
@@ -226,7 +228,7 @@ class Exporter:
         if state is None:
             return self.lag
         teams = None if self.config.customers is None else list(self.config.customers)
-        refused, _ = await self.store.listed(self.label, REFUSED, 0)
+        refused = await self.store.count_listed(self.label, REFUSED)
         self.lag = await self.store.lag(state.cursor, teams) + refused
         return self.lag
 
@@ -264,9 +266,7 @@ class Exporter:
         if outage is not None:
             result.outage = outage
         moved = rows[-1].position if advance and outage is None else cursor
-        delivered = sum(row.state == SENT for row in done) - sum(
-            1 for row in page.decided if row.state == SENT
-        )
+        delivered = sum(row.state == SENT for row in done[len(page.decided) :])
         now = self.clock()
         kept = await self.store.progress(
             self.label, self.holder, done, moved, delivered, now, now + self.lease_s
@@ -307,7 +307,7 @@ class Exporter:
                 self._correction(event, row, prior, now, page)
             elif prior.state == SENT and prior.ledger_value is not None:
                 # repriced back to what the service holds: nothing to list any more
-                page.decided.append(_replace(prior, ledger_value=None))
+                page.decided.append(replace(prior, ledger_value=None))
             elif prior.state == SENT and resend:
                 page.events.append(_with_id(event, prior.event_id))
         return page
@@ -339,7 +339,7 @@ class Exporter:
             log.warning("export %s: row %s was repriced after it was sent (%d -> %d); %s takes"
                         " no correction: listed by export --status", self.label,
                         row.request_id, prior.value, event.value, self.config.kind)  # fmt: skip
-            page.decided.append(_replace(prior, ledger_value=event.value))
+            page.decided.append(replace(prior, ledger_value=event.value))
 
     # ------------------------------------------------------------ sending
 
@@ -375,7 +375,6 @@ class Exporter:
             elif event.id in answer.refused:
                 reason = answer.refused[event.id]
                 result.refused += 1
-                result.refused_rows.append(event.request_id)
                 self._log_refusal(event.request_id, reason)
                 done.append(DoneRow(event.request_id, event.id, event.value, REFUSED, now,
                                     reason))  # fmt: skip
@@ -409,7 +408,7 @@ class Exporter:
                         event.request_id,
                         reason,
                     )
-                    done.append(_replace(prior, ledger_value=event.value, note=reason))
+                    done.append(replace(prior, ledger_value=event.value, note=reason))
                     continue
             answer = await self._exchange([event])
             if event.id in answer.delivered:
@@ -420,14 +419,13 @@ class Exporter:
             if answer.outage is not None:
                 return answer.outage
             reason = answer.refused.get(event.id, "refused")
-            done.append(_replace(prior, ledger_value=page.values[event.request_id], note=reason))
+            done.append(replace(prior, ledger_value=page.values[event.request_id], note=reason))
             result.refused += 1
         return None
 
     async def _exchange(self, batch: list[Event]) -> Answer:
         outgoing = self.service.request(batch, _env(self.config.api_key_env))
-        answer = await self._post(outgoing, lambda s, h, b: self.service.answer(s, h, b, batch))
-        return answer
+        return await self._post(outgoing, lambda s, h, b: self.service.answer(s, h, b, batch))
 
     async def _cancel(self, event_id: str) -> Answer:
         outgoing = self.service.cancel(event_id, _env(self.config.api_key_env))
@@ -512,10 +510,6 @@ class Exporter:
             self._warned_teams.add(team)
             log.warning("export %s: team %s has no customer in export.customers: its rows are"
                         " not sent", self.label, team or "(none)")  # fmt: skip
-
-
-def _replace(row: DoneRow, **changes: object) -> DoneRow:
-    return replace(row, **changes)  # type: ignore[arg-type]
 
 
 def _with_id(event: Event, event_id: str) -> Event:

@@ -185,9 +185,12 @@ class ExportStore:
     async def listed(self, name: str, state: str, limit: int) -> tuple[int, list[DoneRow]]:
         """The rows of a state (`refused`, `skipped`, or `repriced`: sent, then repriced
         without a correction): how many, and the first `limit`."""
-        (count,) = (await self._fetch(_COUNT_LISTED, (name, state, state)))[0]
         found = await self._fetch(_LISTED, (name, state, state, limit))
-        return int(count), [DoneRow(*row) for row in found]
+        return await self.count_listed(name, state), [DoneRow(*row) for row in found]
+
+    async def count_listed(self, name: str, state: str) -> int:
+        (count,) = (await self._fetch(_COUNT_LISTED, (name, state, state)))[0]
+        return int(count)
 
     async def lag(self, cursor: tuple[int, str], teams: Sequence[str] | None) -> int:
         """Billable rows after the cursor (of `teams`; None: every team)."""

@@ -126,11 +126,14 @@ class PostgresSideTable:
                 await transaction.start()
                 try:
                     for index, (sql, rows) in enumerate(steps):
-                        changed = 0
+                        if index != guard:
+                            await connection.executemany(numbered(sql), rows)
+                            continue
+                        changed = 0  # the guard's rows one by one: executemany counts none
                         for row in rows:
                             status = await connection.execute(numbered(sql), *row)
                             changed += int(status.rsplit(" ", 1)[-1] or 0)
-                        if index == guard and not changed:
+                        if not changed:
                             await transaction.rollback()
                             return False
                 except BaseException:
