@@ -10,6 +10,11 @@ from datetime import UTC, datetime
 
 from gateway.limits.windows import CONFIG_NAMES, REQUESTS, SPEND, TOKENS, Meter, MeterRegistry
 
+_RATE_HEADER_NAMES = tuple(
+    (kind, *(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset")))
+    for kind in (REQUESTS, TOKENS)
+)
+
 
 def format_duration(seconds: float) -> str:
     """OpenAI's reset format: `20ms`, `1s`, `6m0s`, `1h2m3s`."""
@@ -34,17 +39,23 @@ def iso_utc(timestamp: float) -> str:
 def rate_headers(headers: MutableMapping[str, str], meters: tuple[Meter, ...], now: float) -> None:
     """OpenAI's `x-ratelimit-*` headers from the tightest per-minute bucket of each kind, or
     the upstream's own where it has less left."""
-    for kind in (REQUESTS, TOKENS):
-        buckets = [bucket for meter in meters for bucket in meter.rates if bucket.kind == kind]
-        if not buckets:
+    for kind, limit_name, remaining_name, reset_name in _RATE_HEADER_NAMES:
+        # One pass, each bucket's level read once: this runs on every limited call.
+        tightest, left = None, 0
+        for meter in meters:
+            for bucket in meter.rates:
+                if bucket.kind == kind:
+                    bucket_left = bucket.remaining(now)
+                    if tightest is None or bucket_left < left:
+                        tightest, left = bucket, bucket_left
+        if tightest is None:
             continue
-        tightest = min(buckets, key=lambda bucket: bucket.remaining(now))
-        upstream_left = headers.get(f"x-ratelimit-remaining-{kind}", "")
-        if upstream_left.isdigit() and int(upstream_left) < tightest.remaining(now):
+        upstream_left = headers.get(remaining_name, "")
+        if upstream_left.isdigit() and int(upstream_left) < left:
             continue  # the shared upstream key is the tighter limit: its headers stay
-        headers[f"x-ratelimit-limit-{kind}"] = str(tightest.limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(tightest.remaining(now))
-        headers[f"x-ratelimit-reset-{kind}"] = format_duration(tightest.reset_in(now))
+        headers[limit_name] = str(tightest.limit)
+        headers[remaining_name] = str(left)
+        headers[reset_name] = format_duration(tightest.reset_in(now))
 
 
 def remaining(
