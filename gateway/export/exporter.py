@@ -149,6 +149,11 @@ class Exporter:
                           self.label, error)  # fmt: skip
             except Exception:
                 log.exception("export %s: pass failed", self.label)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled mid-query, asyncpg may raise its own error instead of
+                # CancelledError: the close waiting for this task would wait forever.
+                raise asyncio.CancelledError
             await asyncio.sleep(wait)
 
     # ------------------------------------------------------------ passes
