@@ -1062,3 +1062,36 @@ async def test_a_spaced_json_upstreams_usage_chunk_never_reaches_a_client_that_d
     kept = [e for e in body.split(line_end * 2) if e and b'"choices": []' not in e]
     expected = b"".join(e.replace(b', "usage": null', b"") + line_end * 2 for e in kept)
     assert row["response_bytes"] == len(expected)  # what the client was sent
+
+
+async def test_a_background_loop_whose_pass_turns_a_cancel_into_another_error_still_stops():
+    # asyncpg answers a cancel inside a query with its own error; the loop logs it and
+    # pauses: the pause must end the loop, or the close awaiting it waits forever.
+    from gateway.loop import cancel_and_wait, pause
+
+    passes = 0
+    logged: list[Exception] = []
+    in_pass = asyncio.Event()
+
+    async def a_pass() -> None:
+        nonlocal passes
+        passes += 1
+        in_pass.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise RuntimeError("connection closed mid-query") from None
+
+    async def loop() -> None:
+        while True:
+            try:
+                await a_pass()
+            except Exception as error:  # as the exporter's, sealer's and notifier's loops
+                logged.append(error)
+            await pause(0)
+
+    task = asyncio.create_task(loop())
+    await in_pass.wait()
+    await asyncio.wait_for(cancel_and_wait(task), 2)
+    assert task.cancelled() and passes == 1
+    assert [str(error) for error in logged] == ["connection closed mid-query"]

@@ -28,6 +28,7 @@ from gateway.errors import UPSTREAM_UNAVAILABLE, GatewayError
 from gateway.ledger.storage import StorageError
 from gateway.ledger.writer import CallRecord
 from gateway.limits.windows import Draw
+from gateway.loop import pause
 from gateway.metering.usage import Usage, usage_from_mapping, usage_of_object
 from gateway.pipeline.call import apply_usage
 from gateway.upstream.forward import read_answer
@@ -106,7 +107,7 @@ class BatchWatcher:
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await pause(self.interval_s)
             try:
                 await self.poll_once()
             except (StorageError, OSError) as exc:

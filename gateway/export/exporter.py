@@ -38,7 +38,7 @@ from gateway.export.store import (
     LedgerRow,
     make_export_store,
 )
-from gateway.loop import cancel_and_wait
+from gateway.loop import cancel_and_wait, pause
 
 log = logging.getLogger("gateway.export")
 
@@ -149,12 +149,7 @@ class Exporter:
                           self.label, error)  # fmt: skip
             except Exception:
                 log.exception("export %s: pass failed", self.label)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # Cancelled mid-query, asyncpg may raise its own error instead of
-                # CancelledError: the close waiting for this task would wait forever.
-                raise asyncio.CancelledError
-            await asyncio.sleep(wait)
+            await pause(wait)
 
     # ------------------------------------------------------------ passes
 

@@ -14,7 +14,7 @@ from typing import Any
 from gateway.config.loader import StorageConfig
 from gateway.ledger.rollups import seal_postgres, seal_sqlite
 from gateway.ledger.storage import postgres_dsn
-from gateway.loop import cancel_and_wait
+from gateway.loop import cancel_and_wait, pause
 
 log = logging.getLogger("gateway.ledger")
 INTERVAL_S = 60.0
@@ -59,4 +59,4 @@ class RollupSealer:
                 log.warning("ledger rollups not sealed now: %s", exc)
             except Exception:
                 log.exception("ledger rollups not sealed now")
-            await asyncio.sleep(self.interval_s)
+            await pause(self.interval_s)

@@ -21,6 +21,7 @@ from gateway.access.keys import today_in
 from gateway.config.loader import GatewayConfig
 from gateway.limits.admission import Limiter
 from gateway.limits.windows import Meter
+from gateway.loop import pause
 from gateway.notify.events import body_for, budget_events, key_events
 from gateway.notify.outbox import Outbox, OutboxUnavailable, Pending
 
@@ -124,7 +125,7 @@ class Notifier:
                 log.error("notifications not checked: %s", error)
             except Exception:
                 log.exception("notifications not checked")
-            await asyncio.sleep(self._config().notifications.check_interval_s)
+            await pause(self._config().notifications.check_interval_s)
 
     # ------------------------------------------------------------ delivering
 
